@@ -1,0 +1,220 @@
+"""Time one whole optimizer step (global-norm clip + update) of fusedopt against torch's recipes.
+
+The one question: how much faster is ``fusedopt.X(..., max_grad_norm=1.0).step()`` than the best
+of torch's ``clip_grad_norm_(params, 1.0)`` + ``torch.optim.X.step()``, per shape set?
+
+    python bench/run.py                                   # gpt2-small and many-small, SGD and AdamW
+    python bench/run.py --shapes smoke --steps 3 --warmup 1
+    python bench/run.py --optimizers sgd,adam,adamw --dtype bfloat16 --json out.json
+
+Markdown on stdout, one progress line per measurement on stderr. Shapes come from bench/shapes.py.
+"""
+import argparse
+import datetime
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+import fusedopt
+import shapes  # bench/shapes.py: run as `python bench/run.py`, the script's folder is on sys.path
+
+MAX_NORM = 1.0  # clip_grad_norm_(params, 1.0), norm type 2; random grads have a norm >> 1: clip active
+
+# name -> (torch class, fusedopt class, hyperparameters shared by every implementation)
+OPTIMIZERS = {
+    "sgd": (torch.optim.SGD, fusedopt.SGD, dict(lr=1e-3, momentum=0.9)),
+    "adam": (torch.optim.Adam, fusedopt.Adam, dict(lr=1e-3)),
+    "adamw": (torch.optim.AdamW, fusedopt.AdamW, dict(lr=1e-3, weight_decay=0.01)),
+}
+TORCH_IMPLS = ("torch for-loop", "torch foreach", "torch fused")
+IMPLS = TORCH_IMPLS + ("fusedopt (torch)",)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def bytes_per_element(opt: str, impl: str, elt_size: int) -> int:
+    """Bytes one step moves per parameter element: tensor reads + writes, each ``elt_size`` bytes.
+
+    Counted from the kernels each implementation runs (torch 2.13, see torch/optim/{sgd,adam}.py),
+    a read or write of a whole tensor counting once; state steps and norms are a few bytes in all.
+
+    torch's clip, every torch impl: _foreach_norm / vector_norm reads g (1) + mul_ by the clip
+    coefficient reads and writes g (2) = 3. clip_grad_norm_ always multiplies (no host branch).
+    fusedopt: the norm reads g (1), then torch's fused op with ``grad_scale`` reads g, p, state,
+    and writes p, state and the unscaled g back (it does store g when given grad_scale).
+
+    SGD, momentum, steady state (buffers exist):
+      fused:             reads p, g, buf; writes p, buf                             5 -> 3 + 5  =  8
+      foreach/for-loop:  buf.mul_ 2, buf.add_(g) 3, p.add_(buf) 3                   8 -> 3 + 8  = 11
+      fusedopt:          norm 1; fused reads p, g, buf, writes p, buf, g 6             -> 1 + 6  =  7
+    Adam (weight_decay=0) / AdamW (decoupled decay):
+      fused:             reads p, g, m, v; writes p, m, v                           7 -> 3 + 7  = 10
+      foreach/for-loop:  [AdamW only: p.mul_ 2] m.lerp_(g) 3, v.mul_ 2,
+                         v.addcmul_(g, g) 3, d = sqrt(v) 2, d.div_ 2, d.add_(eps) 2,
+                         p.addcdiv_(m, d) 4                                   18 (Adam) -> 3 + 18 = 21
+                                                                              20 (AdamW) -> 3 + 20 = 23
+      fusedopt:          norm 1; fused reads p, g, m, v, writes p, m, v, g 8           -> 1 + 8  =  9
+    """
+    clip = 1 if impl == "fusedopt (torch)" else 3
+    if opt == "sgd":
+        update = {"torch fused": 5, "fusedopt (torch)": 6}.get(impl, 8)
+    else:
+        update = {"torch fused": 7, "fusedopt (torch)": 8}.get(impl, 20 if opt == "adamw" else 18)
+    return (clip + update) * elt_size
+
+
+def make_step(opt: str, impl: str, params: list[torch.Tensor]):
+    """One step of ``impl``, clip included, over ``params`` (their .grad set): a no-argument callable."""
+    torch_cls, fused_cls, hyper = OPTIMIZERS[opt]
+    if impl == "fusedopt (torch)":
+        return fused_cls(params, **hyper, max_grad_norm=MAX_NORM, backend="torch").step
+    flags = {"torch for-loop": dict(foreach=False), "torch foreach": dict(foreach=True),
+             "torch fused": dict(fused=True)}[impl]
+    optimizer = torch_cls(params, **hyper, **flags)
+    foreach_clip = impl != "torch for-loop"
+
+    def step():
+        torch.nn.utils.clip_grad_norm_(params, MAX_NORM, foreach=foreach_clip)
+        optimizer.step()
+    return step
+
+
+def time_impl(opt, impl, master_params, master_grads, warmup, steps, device) -> list[float]:
+    """ms per step for ``steps`` steps after ``warmup``, on fresh copies of the params and grads."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    params = [m.clone().requires_grad_() for m in master_params]
+    for p, g in zip(params, master_grads):
+        p.grad = g.clone()
+    grads = [p.grad for p in params]
+    step = make_step(opt, impl, params)
+    times = []
+    for i in range(warmup + steps):
+        # clipping rewrote .grad: restore it, outside the timed region
+        torch._foreach_copy_(grads, master_grads)
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    del step, params, grads  # the optimizer state goes with the step; gpt2-small AdamW is 2 GB
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return times
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {torch.get_num_threads()} torch threads"
+
+
+def triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return "not installed"
+    return triton.__version__
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default="gpt2-small,many-small",
+                        help=f"comma list of shape sets from bench/shapes.py: {', '.join(shapes.NAMES)}")
+    parser.add_argument("--optimizers", default="sgd,adamw",
+                        help=f"comma list of {', '.join(OPTIMIZERS)}")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="untimed steps first (>= 1: the first step allocates the state)")
+    parser.add_argument("--json", metavar="PATH", help="also write every per-step time here")
+    args = parser.parse_args(argv)
+    args.shapes = args.shapes.split(",")
+    args.optimizers = args.optimizers.split(",")
+    for name in args.shapes:
+        if name not in shapes.NAMES:
+            parser.error(f"unknown shape set {name!r}; known: {', '.join(shapes.NAMES)}")
+    for name in args.optimizers:
+        if name not in OPTIMIZERS:
+            parser.error(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
+    if args.steps < 1 or args.warmup < 1:
+        parser.error("--steps and --warmup must be >= 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    elt_size = torch.empty((), dtype=dtype).element_size()
+    meta = {
+        "device": device_name(device), "torch": torch.__version__, "triton": triton_version(),
+        "fusedopt": fusedopt.__version__, "dtype": args.dtype, "steps": args.steps,
+        "warmup": args.warmup, "max_grad_norm": MAX_NORM, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+    results = []
+    total = len(args.shapes) * len(args.optimizers) * len(IMPLS)
+    for set_name in args.shapes:
+        shape_list = shapes.get(set_name)
+        n = shapes.numel(shape_list)
+        gen = torch.Generator(device=device).manual_seed(0)
+        master_params = [torch.randn(s, generator=gen, device=device, dtype=dtype) for s in shape_list]
+        master_grads = [torch.randn(s, generator=gen, device=device, dtype=dtype) for s in shape_list]
+        for opt in args.optimizers:
+            for impl in IMPLS:
+                times = time_impl(opt, impl, master_params, master_grads, args.warmup, args.steps, device)
+                median = statistics.median(times)
+                gbps = bytes_per_element(opt, impl, elt_size) * n / (median * 1e-3) / 1e9
+                results.append(dict(shapes=set_name, tensors=len(shape_list), numel=n, optimizer=opt,
+                                    impl=impl, median_ms=median, min_ms=min(times), max_ms=max(times),
+                                    bytes_per_element=bytes_per_element(opt, impl, elt_size),
+                                    gb_per_s=gbps, times_ms=times))
+                print(f"[{len(results)}/{total}] {set_name} {opt} {impl}: median {median:.3f} ms "
+                      f"(min {min(times):.3f}, max {max(times):.3f})", file=sys.stderr, flush=True)
+        del master_params, master_grads
+        gc.collect()
+
+    for r in results:  # speedup vs the best torch recipe for the same (shapes, optimizer)
+        best = min(q["median_ms"] for q in results if (q["shapes"], q["optimizer"]) == (r["shapes"], r["optimizer"])
+                   and q["impl"] in TORCH_IMPLS)
+        r["speedup_vs_best_torch"] = best / r["median_ms"]
+
+    print(f"# fusedopt step benchmark: clip_grad_norm_({MAX_NORM}) + update\n")
+    print(f"- device: {meta['device']}\n- torch {meta['torch']}, triton {meta['triton']}, "
+          f"fusedopt {meta['fusedopt']}\n- dtype {args.dtype}, {args.warmup} warm-up + {args.steps} "
+          f"timed steps, wall time per step\n- date: {meta['date']}\n")
+    print("| shapes | optimizer | impl | median ms | min ms | max ms | vs best torch | B/elem | GB/s |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['shapes']} ({r['tensors']} tensors, {r['numel'] / 1e6:.1f}M) | {r['optimizer']} | "
+              f"{r['impl']} | {r['median_ms']:.3f} | {r['min_ms']:.3f} | {r['max_ms']:.3f} | "
+              f"{r['speedup_vs_best_torch']:.2f}x | {r['bytes_per_element']} | {r['gb_per_s']:.1f} |")
+    print("\nvs best torch = (fastest torch median) / (this median); > 1 is faster. B/elem: bytes each "
+          "impl moves per element (bytes_per_element in bench/run.py).\n")
+    print("## fusedopt (torch) vs best torch baseline\n")
+    for r in results:
+        if r["impl"] == "fusedopt (torch)":
+            best = min((q for q in results if (q["shapes"], q["optimizer"]) == (r["shapes"], r["optimizer"])
+                        and q["impl"] in TORCH_IMPLS), key=lambda q: q["median_ms"])
+            print(f"- {r['shapes']}, {r['optimizer']}: {r['speedup_vs_best_torch']:.2f}x "
+                  f"({best['impl']} {best['median_ms']:.3f} ms -> fusedopt {r['median_ms']:.3f} ms)")
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

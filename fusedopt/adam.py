@@ -1,0 +1,131 @@
+"""Adam and AdamW: the classes and their torch path. Math: rules.adam_*_rule.
+Kernel twin: kernels/adam.py (kernel issue)."""
+import torch
+
+from fusedopt.optimizer import ClippedStep, host_float, scalar_on
+
+
+def adam_torch_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1, beta2,
+                weight_decay, eps, amsgrad, maximize, decoupled_weight_decay, grad_scale=None):
+    """One Adam/AdamW step over tensors of one (device, dtype), through torch's fused Adam ops.
+
+    ``steps`` are fp32 0-dim tensors on the params' device; they advance here. ``grad_scale``
+    divides every gradient in the same pass that updates the parameter.
+    """
+    torch._foreach_add_(steps, 1)
+    op = torch._fused_adamw_ if decoupled_weight_decay else torch._fused_adam_
+    op(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [], steps,
+       lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad,
+       maximize=maximize, grad_scale=grad_scale, found_inf=None)
+
+
+class _AdamStep(ClippedStep):
+    """The step shared by Adam and AdamW: state as torch.optim.Adam keeps it, then adam_torch_."""
+
+    def _state_for(self, p, amsgrad):
+        state = self.state[p]
+        if len(state) == 0:
+            # torch's keys; step is fp32 on the param's device (torch's fused/capturable layout,
+            # and on CPU also its default one), since the fused ops and kernels read it there.
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        elif state["step"].device != p.device or state["step"].dtype != torch.float32:
+            # a state_dict from torch.optim(foreach/for-loop) on CUDA keeps step on the CPU
+            state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+        if amsgrad and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _update_(self, group, params, grads, grad_scale, device, dtype):
+        amsgrad = group["amsgrad"]
+        states = [self._state_for(p, amsgrad) for p in params]
+        beta1, beta2 = group["betas"]
+        adam_torch_(
+            params, grads,
+            [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+            [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
+            [s["step"] for s in states],
+            lr=scalar_on(group["lr"], device), beta1=host_float(beta1), beta2=host_float(beta2),
+            weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=amsgrad,
+            maximize=group["maximize"], decoupled_weight_decay=group["decoupled_weight_decay"],
+            grad_scale=grad_scale)
+
+
+_MATH = r"""
+    .. math::
+        \begin{aligned}
+            & g \leftarrow \mathrm{clamp}(\nabla f, -v, v)
+                \hspace{5mm} \text{(if max\_grad\_value } v \text{)} \\
+            & g \leftarrow g \cdot \min\!\big(1, n / (\lVert g \rVert + 10^{-6})\big)
+                \hspace{5mm} \text{(if max\_grad\_norm } n \text{, norm over all groups)} \\
+            & g \leftarrow -g \text{ if maximize}; \quad
+              \text{Adam: } g \leftarrow g + \lambda\theta; \quad
+              \text{AdamW: } \theta \leftarrow \theta (1 - \gamma\lambda) \\
+            & m \leftarrow \beta_1 m + (1 - \beta_1) g; \quad
+              v \leftarrow \beta_2 v + (1 - \beta_2) g^2; \quad
+              \hat v \leftarrow \max(\hat v, v) \text{ if amsgrad, else } v \\
+            & \theta \leftarrow \theta - \frac{\gamma}{1 - \beta_1^t} \, m \,/\,
+              \big(\sqrt{\hat v} / \sqrt{1 - \beta_2^t} + \epsilon\big)
+        \end{aligned}
+"""
+
+_EXTRAS = """
+        max_grad_norm (float, optional): clip the total norm of all gradients to this, as
+            ``clip_grad_norm_``. ``float('inf')`` computes ``grad_norm`` and never clips.
+        norm_type (float): 2.0 (default) or ``float('inf')``.
+        max_grad_value (float, optional): clamp every gradient element to ``[-v, v]`` first, as
+            ``clip_grad_value_``.
+        backend (str, optional): ``"torch"``, ``"triton"`` or None (choose).
+
+    Differences from torch.optim.{name}:
+        clipping happens inside ``step``, over every param with a grad in every group, and
+        ``grad_norm`` holds the pre-clip total norm (a 0-dim tensor on the params' device, None
+        until a step with ``max_grad_norm`` set). ``state["step"]`` is an fp32 tensor on the
+        param's device (torch's fused layout; the same as torch's default on CPU). After ``step``
+        on the torch backend ``.grad`` holds the clipped gradient, exactly what
+        ``clip_grad_value_``/``clip_grad_norm_`` leave.
+"""
+
+
+class Adam(_AdamStep, torch.optim.Adam):
+    __doc__ = (r"""Adam, as ``torch.optim.Adam``, with gradient clipping inside ``step``.
+""" + _MATH + """
+    Args:
+        params, lr (default 1e-3), betas ((0.9, 0.999)), eps (1e-8), weight_decay (0), amsgrad
+        (False), foreach, maximize, capturable, differentiable, fused, decoupled_weight_decay
+        (False): as ``torch.optim.Adam``, with the same defaults and the same errors for bad
+            values; ``lr`` and ``betas`` may be Tensors. ``foreach``, ``fused`` and ``capturable``
+            change nothing here (the step never syncs); ``differentiable=True`` raises
+            NotImplementedError.""" + _EXTRAS.format(name="Adam"))
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False,
+                 *, foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
+                 decoupled_weight_decay=False,
+                 max_grad_norm=None, norm_type=2.0, max_grad_value=None, backend=None):
+        self._init_clip(max_grad_norm, norm_type, max_grad_value, backend)
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
+                         maximize=maximize, capturable=capturable, differentiable=differentiable,
+                         fused=fused, decoupled_weight_decay=decoupled_weight_decay)
+        self._after_torch_init()
+
+
+class AdamW(_AdamStep, torch.optim.AdamW):
+    __doc__ = (r"""AdamW (decoupled weight decay), as ``torch.optim.AdamW``, with clipping inside ``step``.
+""" + _MATH + """
+    Args:
+        params, lr (default 1e-3), betas ((0.9, 0.999)), eps (1e-8), weight_decay (1e-2), amsgrad
+        (False), maximize, foreach, capturable, differentiable, fused: as ``torch.optim.AdamW``,
+            with the same defaults and the same errors for bad values; ``lr`` and ``betas`` may be
+            Tensors. ``foreach``, ``fused`` and ``capturable`` change nothing here (the step never
+            syncs); ``differentiable=True`` raises NotImplementedError.""" + _EXTRAS.format(name="AdamW"))
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False, *, maximize=False, foreach=None, capturable=False,
+                 differentiable=False, fused=None,
+                 max_grad_norm=None, norm_type=2.0, max_grad_value=None, backend=None):
+        self._init_clip(max_grad_norm, norm_type, max_grad_value, backend)
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
+                         foreach=foreach, capturable=capturable, differentiable=differentiable,
+                         fused=fused)
+        self._after_torch_init()

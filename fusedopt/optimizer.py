@@ -1,0 +1,143 @@
+"""Shared base of fusedopt's optimizers: the clip settings, the checks on every input, and step().
+
+Each class (sgd.py, adam.py) subclasses its torch.optim namesake through ``ClippedStep``, so the
+constructor validation, defaults, state_dict and load_state_dict are torch's own; ``step`` is ours:
+gather the (param, grad) pairs of every group, value-clamp, take the global norm, then hand each
+(device, dtype) group to the class's ``_update_`` with the clip folded in.
+"""
+import torch
+
+from fusedopt import clip as _clip
+from fusedopt._dispatch import check_backend, choose_backend
+from fusedopt._grouping import group_by_device_dtype, pick
+
+# Instance attributes that torch.optim.Optimizer.__getstate__ would drop (pickle, deepcopy).
+_OWN_ATTRS = ("max_grad_norm", "norm_type", "max_grad_value", "backend", "grad_norm")
+
+
+def scalar_on(value, device: torch.device):
+    """A hyperparameter as the fused ops take it: a float, or a Tensor on the params' device."""
+    if isinstance(value, torch.Tensor) and value.device != device:
+        return value.to(device, non_blocking=True)
+    return value
+
+
+def host_float(value) -> float:
+    """A hyperparameter the fused ops take only as a float (SGD weight_decay, Adam betas).
+
+    A CUDA Tensor here costs one host sync per step, as in torch.optim's fused path.
+    """
+    return float(value) if isinstance(value, torch.Tensor) else value
+
+
+class ClippedStep:
+    """Mixed in before a torch.optim class: clip settings, input checks and ``step``.
+
+    Subclasses call ``_init_clip`` before the torch constructor and ``_after_torch_init`` after it,
+    and implement ``_update_(group, params, grads, clip, device, dtype)`` for one (device, dtype)
+    group of one param group.
+    """
+
+    def _init_clip(self, max_grad_norm, norm_type, max_grad_value, backend) -> None:
+        self.max_grad_norm = _clip.check_positive("max_grad_norm", max_grad_norm)
+        self.norm_type = _clip.check_norm_type(norm_type)
+        self.max_grad_value = _clip.check_positive("max_grad_value", max_grad_value)
+        self.backend = check_backend(backend)
+        self.grad_norm: torch.Tensor | None = None
+
+    def _after_torch_init(self) -> None:
+        # torch sets this for fused=True, and GradScaler would then hand grad_scale/found_inf to
+        # step(), which this step does not take yet: GradScaler must unscale_ and check infs itself.
+        self._step_supports_amp_scaling = False
+        devices = {p.device for g in self.param_groups for p in g["params"]}
+        choose_backend(self.backend, devices)  # fail at construction, not at the first step
+
+    # -- input checks ---------------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict) -> None:
+        name = type(self).__name__
+        differentiable = param_group.get("differentiable", self.defaults.get("differentiable", False))
+        if differentiable:
+            raise NotImplementedError(
+                f"fusedopt.{name} does not support differentiable=True (its step is not "
+                f"differentiable through the update); use torch.optim.{name} for that")
+        params = param_group["params"]
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        elif not isinstance(params, set):  # torch raises its own TypeError for a set
+            param_group = dict(param_group, params=list(params))  # a generator is read once
+            params = param_group["params"]
+        for i, p in enumerate(params):
+            p = p[1] if isinstance(p, tuple) else p  # named parameters: (name, tensor)
+            if isinstance(p, torch.Tensor) and not p.is_floating_point():
+                kind = "complex" if p.is_complex() else "non-floating-point"
+                raise TypeError(
+                    f"fusedopt.{name}: parameter {i} of the new group (shape {tuple(p.shape)}) has "
+                    f"{kind} dtype {p.dtype}; only floating-point parameters are supported")
+        super().add_param_group(param_group)
+
+    def _gather(self) -> list[list[torch.Tensor]]:
+        """Per param group, the params that have a grad; every check runs before anything is written."""
+        name = type(self).__name__
+        gathered = []
+        for gi, group in enumerate(self.param_groups):
+            with_grad = []
+            for pi, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse:
+                    raise RuntimeError(
+                        f"fusedopt.{name} does not support sparse gradients (group {gi}, parameter "
+                        f"{pi}, shape {tuple(p.shape)}); densify with .to_dense() or use SparseAdam")
+                if not p.is_floating_point():  # a dtype changed in place after construction
+                    raise TypeError(f"fusedopt.{name}: parameter {pi} of group {gi} has dtype "
+                                    f"{p.dtype}; only floating-point parameters are supported")
+                with_grad.append(p)
+            gathered.append(with_grad)
+        return gathered
+
+    # -- the step -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Value clamp -> global-norm clip -> update, over every param with a grad in every group.
+
+        Returns the closure's loss, as torch.optim does. See the class docstring for ``.grad``.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        gathered = self._gather()
+        params = [p for ps in gathered for p in ps]
+        choose_backend(self.backend, {p.device for p in params})
+        grads = [p.grad for p in params]
+
+        if self.max_grad_value is not None:
+            _clip.clamp_grads_(grads, self.max_grad_value)
+        clip = None
+        if self.max_grad_norm is not None:
+            first = params[0] if params else next(
+                (p for g in self.param_groups for p in g["params"]), torch.empty(0))
+            self.grad_norm = _clip.total_norm(grads, self.norm_type, first.device)
+            clip = _clip.ClipScale(self.grad_norm, self.max_grad_norm)
+
+        for group, group_params in zip(self.param_groups, gathered):
+            for (device, dtype), idx in group_by_device_dtype(group_params).items():
+                ps = pick(group_params, idx)
+                gs = [p.grad for p in ps]
+                grad_scale = clip.grad_scale_for(gs, device, dtype) if clip is not None else None
+                self._update_(group, ps, gs, grad_scale, device, dtype)
+        return loss
+
+    # -- keep the clip settings through pickle / deepcopy and show them -------------------------
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.update({k: getattr(self, k) for k in _OWN_ATTRS})
+        return state
+
+    def __repr__(self) -> str:
+        settings = ", ".join(f"{k}={getattr(self, k)!r}" for k in _OWN_ATTRS[:4])
+        return f"fusedopt.{super().__repr__()[:-1]}{settings}\n)"

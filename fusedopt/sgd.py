@@ -1,0 +1,82 @@
+"""SGD: the class and its torch path. Math: rules.sgd_rule. Kernel twin: kernels/sgd.py (kernel issue)."""
+import torch
+
+from fusedopt.optimizer import ClippedStep, host_float, scalar_on
+
+
+def sgd_torch_(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov,
+               maximize, grad_scale=None):
+    """One SGD step over tensors of one (device, dtype), through torch._fused_sgd_.
+
+    ``momentum_buffers[i]`` is None where a param has no buffer yet (its first step with momentum):
+    those params take torch's first-step rule (buf = g) in a call of their own, and their new
+    buffers are written into the list. ``grad_scale`` divides every gradient in the same pass.
+    """
+    common = dict(weight_decay=weight_decay, momentum=momentum, lr=lr, dampening=dampening,
+                  nesterov=nesterov, maximize=maximize, grad_scale=grad_scale, found_inf=None)
+    if momentum == 0:
+        torch._fused_sgd_(params, grads, [], is_first_step=False, **common)
+        return
+    new = [i for i, b in enumerate(momentum_buffers) if b is None]
+    old = [i for i, b in enumerate(momentum_buffers) if b is not None]
+    for i in new:
+        momentum_buffers[i] = torch.empty_like(grads[i])
+    for idx, first in ((old, False), (new, True)):
+        if idx:
+            torch._fused_sgd_([params[i] for i in idx], [grads[i] for i in idx],
+                              [momentum_buffers[i] for i in idx], is_first_step=first, **common)
+
+
+class SGD(ClippedStep, torch.optim.SGD):
+    r"""SGD with momentum (optionally Nesterov), as ``torch.optim.SGD``, with clipping inside ``step``.
+
+    .. math::
+        \begin{aligned}
+            & g \leftarrow \mathrm{clamp}(\nabla f, -v, v)
+                \hspace{5mm} \text{(if max\_grad\_value } v \text{)} \\
+            & g \leftarrow g \cdot \min\!\big(1, n / (\lVert g \rVert + 10^{-6})\big)
+                \hspace{5mm} \text{(if max\_grad\_norm } n \text{, norm over all groups)} \\
+            & g \leftarrow -g \text{ if maximize}; \quad g \leftarrow g + \lambda \theta \\
+            & b \leftarrow g \text{ (first step)}, \text{ else } b \leftarrow \mu b + (1 - \tau) g \\
+            & d \leftarrow g + \mu b \text{ if nesterov, else } b; \quad
+              \theta \leftarrow \theta - \gamma d
+        \end{aligned}
+
+    The EMA form of momentum, ``b = beta * b + (1 - beta) * g``, is ``momentum=beta,
+    dampening=beta`` (torch's first step still sets ``b = g``).
+
+    Args:
+        params, lr (default 1e-3), momentum (0), dampening (0), weight_decay (0), nesterov (False),
+        maximize, foreach, differentiable, fused: as ``torch.optim.SGD``, with the same defaults
+            and the same errors for bad values. ``foreach`` and ``fused`` change nothing here;
+            ``differentiable=True`` raises NotImplementedError.
+        max_grad_norm (float, optional): clip the total norm of all gradients to this, as
+            ``clip_grad_norm_``. ``float('inf')`` computes ``grad_norm`` and never clips.
+        norm_type (float): 2.0 (default) or ``float('inf')``.
+        max_grad_value (float, optional): clamp every gradient element to ``[-v, v]`` first, as
+            ``clip_grad_value_``.
+        backend (str, optional): ``"torch"``, ``"triton"`` or None (choose).
+
+    Differences from torch.optim.SGD:
+        clipping happens inside ``step``, over every param with a grad in every group, and
+        ``grad_norm`` holds the pre-clip total norm (a 0-dim tensor on the params' device, None
+        until a step with ``max_grad_norm`` set). After ``step`` on the torch backend ``.grad``
+        holds the clipped gradient, exactly what ``clip_grad_value_``/``clip_grad_norm_`` leave.
+    """
+
+    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
+                 maximize=False, foreach=None, differentiable=False, fused=None,
+                 max_grad_norm=None, norm_type=2.0, max_grad_value=None, backend=None):
+        self._init_clip(max_grad_norm, norm_type, max_grad_value, backend)
+        super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize,
+                         foreach=foreach, differentiable=differentiable, fused=fused)
+        self._after_torch_init()
+
+    def _update_(self, group, params, grads, grad_scale, device, dtype):
+        momentum = group["momentum"]
+        buffers = [self.state[p].get("momentum_buffer") for p in params] if momentum != 0 else []
+        sgd_torch_(params, grads, buffers, lr=scalar_on(group["lr"], device), momentum=momentum,
+                   dampening=group["dampening"], weight_decay=host_float(group["weight_decay"]),
+                   nesterov=group["nesterov"], maximize=group["maximize"], grad_scale=grad_scale)
+        for p, buf in zip(params, buffers):
+            self.state[p]["momentum_buffer"] = buf

@@ -1,0 +1,125 @@
+"""fusedopt (torch path) against torch.optim + clip_grad_value_ + clip_grad_norm_ on CPU.
+
+Every config runs 7 steps over odd shapes (0-dim included) in two param groups with different
+hyperparameters, with one param missing its grad on some steps and one never having a grad, for
+every clip mode (none, L2 active / inactive, inf, value, value + L2), in fp32 and fp64.
+"""
+import math
+
+import pytest
+import torch
+
+from conftest import assert_close
+from recipe import CLIPS, SHAPES, STEPS, Pair, tensors_of_state
+
+T = torch.tensor
+
+SGD_CONFIGS = {
+    "plain": dict(lr=0.1),
+    "momentum": dict(lr=0.1, momentum=0.9),
+    "ema-momentum": dict(lr=0.1, momentum=0.9, dampening=0.9),
+    "dampening": dict(lr=0.1, momentum=0.5, dampening=0.3),
+    "nesterov": dict(lr=0.1, momentum=0.9, nesterov=True),
+    "momentum-wd": dict(lr=0.1, momentum=0.9, weight_decay=0.05),
+    "nesterov-wd-max": dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.05, maximize=True),
+    "damp-max": dict(lr=0.1, momentum=0.5, dampening=0.3, maximize=True),
+    "wd-only": dict(lr=0.1, weight_decay=0.05),
+    "tensor-lr": dict(lr=T(0.1), momentum=0.9),
+    "tensor-wd": dict(lr=0.1, momentum=0.9, weight_decay=T(0.05)),
+    "foreach": dict(lr=0.1, momentum=0.9, foreach=True),
+    "fused": dict(lr=0.1, momentum=0.9, nesterov=True, fused=True),
+}
+SGD_GROUP1 = dict(lr=0.03, weight_decay=0.01)
+
+ADAM_CONFIGS = {
+    "default": dict(lr=0.01),
+    "amsgrad": dict(lr=0.01, amsgrad=True),
+    "wd": dict(lr=0.01, weight_decay=0.1),
+    "amsgrad-wd-max": dict(lr=0.01, amsgrad=True, weight_decay=0.1, maximize=True),
+    "betas-eps": dict(lr=0.01, betas=(0.8, 0.99), eps=1e-6),
+    "maximize": dict(lr=0.01, maximize=True),
+    "tensor-lr": dict(lr=T(0.01), weight_decay=0.1),
+    "tensor-lr-betas": dict(lr=T(0.01), betas=(T(0.8), T(0.99)), amsgrad=True),
+    "foreach": dict(lr=0.01, foreach=True, weight_decay=0.1),
+    "fused": dict(lr=0.01, fused=True, amsgrad=True),
+    "capturable": dict(lr=0.01, capturable=True),
+}
+ADAM_ONLY_CONFIGS = {"decoupled": dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True)}
+ADAM_GROUP1 = dict(lr=0.003, weight_decay=0.02, betas=(0.85, 0.98))
+
+CASES = (
+    [("SGD", c) for c in SGD_CONFIGS]
+    + [("Adam", c) for c in {**ADAM_CONFIGS, **ADAM_ONLY_CONFIGS}]
+    + [("AdamW", c) for c in ADAM_CONFIGS]
+)
+
+
+def config(name, key, dtype):
+    """kwargs for group 0 and overrides for group 1; Tensor hyperparameters in ``dtype``.
+
+    torch's for-loop Adam forms ``lr / (1 - beta1 ** step)`` in the Tensor lr's dtype, so an fp32
+    Tensor lr would make the fp64 oracle itself fp32-accurate (measured: 4e-10 off its own
+    fused=True after 7 steps). An fp64 Tensor keeps the fp64 oracle exact.
+    """
+    if name == "SGD":
+        kwargs, group1 = SGD_CONFIGS[key], dict(SGD_GROUP1)
+    else:
+        kwargs, group1 = {**ADAM_CONFIGS, **ADAM_ONLY_CONFIGS}[key], dict(ADAM_GROUP1)
+        if isinstance(kwargs["lr"], torch.Tensor):
+            group1["lr"] = T(0.003)
+        if isinstance(kwargs.get("betas", (0.0,))[0], torch.Tensor):
+            group1["betas"] = (T(0.85), T(0.98))
+
+    def cast(v):
+        if isinstance(v, torch.Tensor):
+            return v.to(dtype)
+        return tuple(map(cast, v)) if isinstance(v, tuple) else v
+    return ({k: cast(v) for k, v in kwargs.items()}, {k: cast(v) for k, v in group1.items()})
+
+
+def run_and_compare(pair, dtype):
+    for step in range(STEPS):
+        # param 2 has no grad on steps 2 and 4; the last param never has one
+        skip = {len(pair.ref_params) - 1} | ({2} if step in (2, 4) else set())
+        pair.set_grads(step, skip=skip)
+        ref_norm = pair.step()
+        for r, o in zip(pair.ref_params, pair.our_params):
+            assert_close(o, r, dtype)
+            if r.grad is not None:  # torch path: .grad holds the clipped gradient, as the recipe
+                assert_close(o.grad, r.grad, dtype)
+        if ref_norm is None:
+            assert pair.ours.grad_norm is None
+        else:
+            assert pair.ours.grad_norm.shape == ()
+            assert_close(pair.ours.grad_norm.to(ref_norm.dtype), ref_norm, dtype)
+    ref_state, our_state = tensors_of_state(pair.ref), tensors_of_state(pair.ours)
+    assert ref_state.keys() == our_state.keys()
+    for key, r in ref_state.items():
+        o = our_state[key]
+        assert (o.shape, o.dtype, o.device) == (r.shape, r.dtype, r.device), key
+        assert_close(o, r, dtype if o.is_floating_point() and key[1] != "step" else None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("clip", list(CLIPS))
+@pytest.mark.parametrize("name,key", CASES, ids=[f"{n}-{k}" for n, k in CASES])
+def test_matches_torch_recipe(name, key, clip, dtype):
+    kwargs, group1 = config(name, key, dtype)
+    pair = Pair(name, SHAPES + [(4,)], dtype, kwargs, CLIPS[clip], group1=group1)
+    run_and_compare(pair, dtype)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_nonfinite_grad_propagates_like_torch(name):
+    """Until a non-finite policy exists, NaN/inf behave exactly as in the torch recipe."""
+    kwargs = dict(lr=0.1, momentum=0.9) if name == "SGD" else dict(lr=0.01)
+    for bad in (math.nan, math.inf):
+        pair = Pair(name, SHAPES, torch.float32, kwargs, dict(max_grad_norm=1.0), group1={})
+        pair.set_grads(0)
+        for p in (pair.ref_params[3], pair.our_params[3]):
+            p.grad.view(-1)[5] = bad
+        ref_norm = pair.step()
+        assert_close(pair.ours.grad_norm, ref_norm)
+        for r, o in zip(pair.ref_params, pair.our_params):
+            assert_close(o, r)
+        assert any(not torch.isfinite(p).all() for p in pair.our_params)
