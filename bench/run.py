@@ -13,6 +13,7 @@ import argparse
 import datetime
 import gc
 import json
+import os
 import platform
 import statistics
 import sys
@@ -120,6 +121,32 @@ def device_name(device: torch.device) -> str:
     return f"{name}, {torch.get_num_threads()} torch threads"
 
 
+def busy_cpus(seconds: float = 0.5) -> float | None:
+    """How many CPUs other processes keep busy, sampled from /proc/stat while this one sleeps.
+
+    On CPU a neighbour matters a lot: torch's fused CPU ops open an OpenMP parallel region even
+    for tiny tensors, and each waits for a busy core (seen on 2 cores with a pytest run beside:
+    the smoke step took 8-32 ms, in multiples of 4 ms, instead of 0.3 ms).
+    """
+    def sample():
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+        return sum(ticks), ticks[3] + ticks[4]  # total, idle + iowait
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / max(total1 - total0, 1))
+
+
+def warn_if_busy(busy: float | None, when: str) -> None:
+    if busy is not None and busy > 0.25:
+        print(f"warning: other processes kept {busy:.1f} CPUs busy {when}; the timings may show it",
+              file=sys.stderr)
+
+
 def triton_version() -> str:
     try:
         import triton
@@ -155,6 +182,33 @@ def parse_args(argv=None):
     return args
 
 
+def print_report(meta: dict, results: list[dict]) -> None:
+    """The markdown report: header, one row per measurement, then the headline ratios."""
+    busy = " / ".join("unknown" if b is None else f"{b:.2f}"
+                      for b in (meta["busy_cpus_at_start"], meta["busy_cpus_at_end"]))
+    print(f"# fusedopt step benchmark: clip_grad_norm_({MAX_NORM}) + update\n")
+    print(f"- device: {meta['device']}\n- torch {meta['torch']}, triton {meta['triton']}, "
+          f"fusedopt {meta['fusedopt']}\n- dtype {meta['dtype']}, {meta['warmup']} warm-up + "
+          f"{meta['steps']} timed steps, wall time per step\n- date: {meta['date']}, CPUs busy "
+          f"with other work at start / end: {busy}\n")
+    print("| shapes | optimizer | impl | median ms | min ms | max ms | vs best torch | B/elem | GB/s |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['shapes']} ({r['tensors']} tensors, {r['numel'] / 1e6:.1f}M) | {r['optimizer']} | "
+              f"{r['impl']} | {r['median_ms']:.3f} | {r['min_ms']:.3f} | {r['max_ms']:.3f} | "
+              f"{r['speedup_vs_best_torch']:.2f}x | {r['bytes_per_element']} | {r['gb_per_s']:.1f} |")
+    print("\nvs best torch = (fastest torch median) / (this median); > 1 is faster. B/elem: bytes "
+          "each impl moves per element (bytes_per_element in bench/run.py); GB/s = B/elem * elements "
+          "/ median.\n")
+    print("## fusedopt (torch) vs the best torch baseline\n")
+    by_key = {(r["shapes"], r["optimizer"], r["impl"]): r for r in results}
+    for r in results:
+        if r["impl"] == "fusedopt (torch)":
+            best = by_key[(r["shapes"], r["optimizer"], r["best_torch_impl"])]
+            print(f"- {r['shapes']}, {r['optimizer']}: **{r['speedup_vs_best_torch']:.2f}x** "
+                  f"({best['impl']} {best['median_ms']:.3f} ms -> fusedopt {r['median_ms']:.3f} ms)")
+
+
 def main(argv=None):
     args = parse_args(argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
@@ -162,8 +216,11 @@ def main(argv=None):
     meta = {
         "device": device_name(device), "torch": torch.__version__, "triton": triton_version(),
         "fusedopt": fusedopt.__version__, "dtype": args.dtype, "steps": args.steps,
-        "warmup": args.warmup, "max_grad_norm": MAX_NORM, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "warmup": args.warmup, "max_grad_norm": MAX_NORM,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "busy_cpus_at_start": busy_cpus(),
     }
+    warn_if_busy(meta["busy_cpus_at_start"], "at start")
     results = []
     total = len(args.shapes) * len(args.optimizers) * len(IMPLS)
     for set_name in args.shapes:
@@ -175,41 +232,25 @@ def main(argv=None):
         for opt in args.optimizers:
             for impl in IMPLS:
                 times = time_impl(opt, impl, master_params, master_grads, args.warmup, args.steps, device)
-                median = statistics.median(times)
-                gbps = bytes_per_element(opt, impl, elt_size) * n / (median * 1e-3) / 1e9
+                median, moved = statistics.median(times), bytes_per_element(opt, impl, elt_size)
                 results.append(dict(shapes=set_name, tensors=len(shape_list), numel=n, optimizer=opt,
                                     impl=impl, median_ms=median, min_ms=min(times), max_ms=max(times),
-                                    bytes_per_element=bytes_per_element(opt, impl, elt_size),
-                                    gb_per_s=gbps, times_ms=times))
+                                    bytes_per_element=moved, gb_per_s=moved * n / (median * 1e-3) / 1e9,
+                                    times_ms=times))
                 print(f"[{len(results)}/{total}] {set_name} {opt} {impl}: median {median:.3f} ms "
                       f"(min {min(times):.3f}, max {max(times):.3f})", file=sys.stderr, flush=True)
         del master_params, master_grads
         gc.collect()
 
-    for r in results:  # speedup vs the best torch recipe for the same (shapes, optimizer)
-        best = min(q["median_ms"] for q in results if (q["shapes"], q["optimizer"]) == (r["shapes"], r["optimizer"])
-                   and q["impl"] in TORCH_IMPLS)
-        r["speedup_vs_best_torch"] = best / r["median_ms"]
+    meta["busy_cpus_at_end"] = busy_cpus()
+    warn_if_busy(meta["busy_cpus_at_end"], "at the end")
 
-    print(f"# fusedopt step benchmark: clip_grad_norm_({MAX_NORM}) + update\n")
-    print(f"- device: {meta['device']}\n- torch {meta['torch']}, triton {meta['triton']}, "
-          f"fusedopt {meta['fusedopt']}\n- dtype {args.dtype}, {args.warmup} warm-up + {args.steps} "
-          f"timed steps, wall time per step\n- date: {meta['date']}\n")
-    print("| shapes | optimizer | impl | median ms | min ms | max ms | vs best torch | B/elem | GB/s |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
-    for r in results:
-        print(f"| {r['shapes']} ({r['tensors']} tensors, {r['numel'] / 1e6:.1f}M) | {r['optimizer']} | "
-              f"{r['impl']} | {r['median_ms']:.3f} | {r['min_ms']:.3f} | {r['max_ms']:.3f} | "
-              f"{r['speedup_vs_best_torch']:.2f}x | {r['bytes_per_element']} | {r['gb_per_s']:.1f} |")
-    print("\nvs best torch = (fastest torch median) / (this median); > 1 is faster. B/elem: bytes each "
-          "impl moves per element (bytes_per_element in bench/run.py).\n")
-    print("## fusedopt (torch) vs best torch baseline\n")
-    for r in results:
-        if r["impl"] == "fusedopt (torch)":
-            best = min((q for q in results if (q["shapes"], q["optimizer"]) == (r["shapes"], r["optimizer"])
-                        and q["impl"] in TORCH_IMPLS), key=lambda q: q["median_ms"])
-            print(f"- {r['shapes']}, {r['optimizer']}: {r['speedup_vs_best_torch']:.2f}x "
-                  f"({best['impl']} {best['median_ms']:.3f} ms -> fusedopt {r['median_ms']:.3f} ms)")
+    for r in results:  # speedup vs the fastest torch recipe for the same (shapes, optimizer)
+        best = min((q for q in results if q["impl"] in TORCH_IMPLS
+                    and (q["shapes"], q["optimizer"]) == (r["shapes"], r["optimizer"])),
+                   key=lambda q: q["median_ms"])
+        r["best_torch_impl"], r["speedup_vs_best_torch"] = best["impl"], best["median_ms"] / r["median_ms"]
+    print_report(meta, results)
 
     if args.json:
         with open(args.json, "w") as f:
