@@ -2,7 +2,7 @@
 Kernel twin: kernels/adam.py (kernel issue)."""
 import torch
 
-from fusedopt.optimizer import ClippedStep, host_float, scalar_on
+from fusedopt.optimizer import ClippedStep, class_doc, host_float, scalar_on
 
 
 def adam_torch_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1, beta2,
@@ -52,52 +52,29 @@ class _AdamStep(ClippedStep):
             grad_scale=grad_scale)
 
 
-_MATH = r"""
-    .. math::
-        \begin{aligned}
-            & g \leftarrow \mathrm{clamp}(\nabla f, -v, v)
-                \hspace{5mm} \text{(if max\_grad\_value } v \text{)} \\
-            & g \leftarrow g \cdot \min\!\big(1, n / (\lVert g \rVert + 10^{-6})\big)
-                \hspace{5mm} \text{(if max\_grad\_norm } n \text{, norm over all groups)} \\
-            & g \leftarrow -g \text{ if maximize}; \quad
+_MATH = r"""            & g \leftarrow -g \text{ if maximize}; \quad
               \text{Adam: } g \leftarrow g + \lambda\theta; \quad
               \text{AdamW: } \theta \leftarrow \theta (1 - \gamma\lambda) \\
             & m \leftarrow \beta_1 m + (1 - \beta_1) g; \quad
               v \leftarrow \beta_2 v + (1 - \beta_2) g^2; \quad
               \hat v \leftarrow \max(\hat v, v) \text{ if amsgrad, else } v \\
             & \theta \leftarrow \theta - \frac{\gamma}{1 - \beta_1^t} \, m \,/\,
-              \big(\sqrt{\hat v} / \sqrt{1 - \beta_2^t} + \epsilon\big)
-        \end{aligned}
-"""
+              \big(\sqrt{\hat v} / \sqrt{1 - \beta_2^t} + \epsilon\big)"""
 
-_EXTRAS = """
-        max_grad_norm (float, optional): clip the total norm of all gradients to this, as
-            ``clip_grad_norm_``. ``float('inf')`` computes ``grad_norm`` and never clips.
-        norm_type (float): 2.0 (default) or ``float('inf')``.
-        max_grad_value (float, optional): clamp every gradient element to ``[-v, v]`` first, as
-            ``clip_grad_value_``.
-        backend (str, optional): ``"torch"``, ``"triton"`` or None (choose).
-
-    Differences from torch.optim.{name}:
-        clipping happens inside ``step``, over every param with a grad in every group, and
-        ``grad_norm`` holds the pre-clip total norm (a 0-dim tensor on the params' device, None
-        until a step with ``max_grad_norm`` set). ``state["step"]`` is an fp32 tensor on the
-        param's device (torch's fused layout; the same as torch's default on CPU). After ``step``
-        on the torch backend ``.grad`` holds the clipped gradient, exactly what
-        ``clip_grad_value_``/``clip_grad_norm_`` leave.
-"""
+_STATE_NOTE = ("\n        ``state['step']`` is an fp32 tensor on the param's device (torch's fused layout; on\n"
+               "        CPU also its default one).")
 
 
 class Adam(_AdamStep, torch.optim.Adam):
-    __doc__ = (r"""Adam, as ``torch.optim.Adam``, with gradient clipping inside ``step``.
-""" + _MATH + """
-    Args:
-        params, lr (default 1e-3), betas ((0.9, 0.999)), eps (1e-8), weight_decay (0), amsgrad
+    __doc__ = class_doc(
+        "Adam, as ``torch.optim.Adam``, with gradient clipping inside ``step``.", _MATH,
+        """        params, lr (default 1e-3), betas ((0.9, 0.999)), eps (1e-8), weight_decay (0), amsgrad
         (False), foreach, maximize, capturable, differentiable, fused, decoupled_weight_decay
         (False): as ``torch.optim.Adam``, with the same defaults and the same errors for bad
             values; ``lr`` and ``betas`` may be Tensors. ``foreach``, ``fused`` and ``capturable``
             change nothing here (the step never syncs); ``differentiable=True`` raises
-            NotImplementedError.""" + _EXTRAS.format(name="Adam"))
+            NotImplementedError.""",
+        "Adam", _STATE_NOTE)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False,
                  *, foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
@@ -111,14 +88,15 @@ class Adam(_AdamStep, torch.optim.Adam):
 
 
 class AdamW(_AdamStep, torch.optim.AdamW):
-    __doc__ = (r"""AdamW (decoupled weight decay), as ``torch.optim.AdamW``, with clipping inside ``step``.
-""" + _MATH + """
-    Args:
-        params, lr (default 1e-3), betas ((0.9, 0.999)), eps (1e-8), weight_decay (1e-2), amsgrad
+    __doc__ = class_doc(
+        "AdamW (decoupled weight decay), as ``torch.optim.AdamW``, with clipping inside ``step``.",
+        _MATH,
+        """        params, lr (default 1e-3), betas ((0.9, 0.999)), eps (1e-8), weight_decay (1e-2), amsgrad
         (False), maximize, foreach, capturable, differentiable, fused: as ``torch.optim.AdamW``,
             with the same defaults and the same errors for bad values; ``lr`` and ``betas`` may be
             Tensors. ``foreach``, ``fused`` and ``capturable`` change nothing here (the step never
-            syncs); ``differentiable=True`` raises NotImplementedError.""" + _EXTRAS.format(name="AdamW"))
+            syncs); ``differentiable=True`` raises NotImplementedError.""",
+        "AdamW", _STATE_NOTE)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,

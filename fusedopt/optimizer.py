@@ -30,6 +30,37 @@ def host_float(value) -> float:
     return float(value) if isinstance(value, torch.Tensor) else value
 
 
+def class_doc(summary: str, update_math: str, args: str, name: str, state_note: str = "") -> str:
+    """A class docstring: summary, the math block (clip lines first), Args, differences from torch."""
+    return rf"""{summary}
+
+    .. math::
+        \begin{{aligned}}
+            & g \leftarrow \mathrm{{clamp}}(\nabla f, -v, v)
+                \hspace{{5mm}} \text{{(if max\_grad\_value }} v \text{{)}} \\
+            & g \leftarrow g \cdot \min\!\big(1, n / (\lVert g \rVert + 10^{{-6}})\big)
+                \hspace{{5mm}} \text{{(if max\_grad\_norm }} n \text{{, norm over all groups)}} \\
+{update_math}
+        \end{{aligned}}
+
+    Args:
+{args}
+        max_grad_norm (float, optional): clip the total norm of all gradients to this, as
+            ``clip_grad_norm_``. ``float('inf')`` computes ``grad_norm`` and never clips.
+        norm_type (float): 2.0 (default) or ``float('inf')``.
+        max_grad_value (float, optional): clamp every gradient element to ``[-v, v]`` first, as
+            ``clip_grad_value_``.
+        backend (str, optional): ``"torch"``, ``"triton"`` or None (choose).
+
+    Differences from torch.optim.{name}:
+        clipping happens inside ``step``, over every param with a grad in every group, and
+        ``grad_norm`` holds the pre-clip total norm (a 0-dim tensor on the params' device, None
+        until a step with ``max_grad_norm`` set).{state_note} After ``step`` on the torch backend
+        ``.grad`` holds the clipped gradient, exactly what ``clip_grad_value_``/``clip_grad_norm_``
+        leave.
+    """
+
+
 class ClippedStep:
     """Mixed in before a torch.optim class: clip settings, input checks and ``step``.
 

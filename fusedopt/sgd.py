@@ -1,7 +1,7 @@
 """SGD: the class and its torch path. Math: rules.sgd_rule. Kernel twin: kernels/sgd.py (kernel issue)."""
 import torch
 
-from fusedopt.optimizer import ClippedStep, host_float, scalar_on
+from fusedopt.optimizer import ClippedStep, class_doc, host_float, scalar_on
 
 
 def sgd_torch_(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov,
@@ -28,41 +28,19 @@ def sgd_torch_(params, grads, momentum_buffers, *, lr, momentum, dampening, weig
 
 
 class SGD(ClippedStep, torch.optim.SGD):
-    r"""SGD with momentum (optionally Nesterov), as ``torch.optim.SGD``, with clipping inside ``step``.
-
-    .. math::
-        \begin{aligned}
-            & g \leftarrow \mathrm{clamp}(\nabla f, -v, v)
-                \hspace{5mm} \text{(if max\_grad\_value } v \text{)} \\
-            & g \leftarrow g \cdot \min\!\big(1, n / (\lVert g \rVert + 10^{-6})\big)
-                \hspace{5mm} \text{(if max\_grad\_norm } n \text{, norm over all groups)} \\
-            & g \leftarrow -g \text{ if maximize}; \quad g \leftarrow g + \lambda \theta \\
+    __doc__ = class_doc(
+        "SGD with momentum (optionally Nesterov), as ``torch.optim.SGD``, with clipping in ``step``.",
+        r"""            & g \leftarrow -g \text{ if maximize}; \quad g \leftarrow g + \lambda \theta \\
             & b \leftarrow g \text{ (first step)}, \text{ else } b \leftarrow \mu b + (1 - \tau) g \\
             & d \leftarrow g + \mu b \text{ if nesterov, else } b; \quad
-              \theta \leftarrow \theta - \gamma d
-        \end{aligned}
-
-    The EMA form of momentum, ``b = beta * b + (1 - beta) * g``, is ``momentum=beta,
-    dampening=beta`` (torch's first step still sets ``b = g``).
-
-    Args:
-        params, lr (default 1e-3), momentum (0), dampening (0), weight_decay (0), nesterov (False),
+              \theta \leftarrow \theta - \gamma d""",
+        """        params, lr (default 1e-3), momentum (0), dampening (0), weight_decay (0), nesterov (False),
         maximize, foreach, differentiable, fused: as ``torch.optim.SGD``, with the same defaults
             and the same errors for bad values. ``foreach`` and ``fused`` change nothing here;
-            ``differentiable=True`` raises NotImplementedError.
-        max_grad_norm (float, optional): clip the total norm of all gradients to this, as
-            ``clip_grad_norm_``. ``float('inf')`` computes ``grad_norm`` and never clips.
-        norm_type (float): 2.0 (default) or ``float('inf')``.
-        max_grad_value (float, optional): clamp every gradient element to ``[-v, v]`` first, as
-            ``clip_grad_value_``.
-        backend (str, optional): ``"torch"``, ``"triton"`` or None (choose).
-
-    Differences from torch.optim.SGD:
-        clipping happens inside ``step``, over every param with a grad in every group, and
-        ``grad_norm`` holds the pre-clip total norm (a 0-dim tensor on the params' device, None
-        until a step with ``max_grad_norm`` set). After ``step`` on the torch backend ``.grad``
-        holds the clipped gradient, exactly what ``clip_grad_value_``/``clip_grad_norm_`` leave.
-    """
+            ``differentiable=True`` raises NotImplementedError. The EMA form of momentum,
+            ``b = beta * b + (1 - beta) * g``, is ``momentum=beta, dampening=beta`` (torch's first
+            step still sets ``b = g``).""",
+        "SGD")
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
                  maximize=False, foreach=None, differentiable=False, fused=None,
