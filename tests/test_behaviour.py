@@ -198,3 +198,17 @@ def test_mixed_dtypes_in_one_optimizer(name):
         assert_close(ours.grad_norm.to(norm.dtype), norm, torch.float32)
         for r, o in zip(params, ours_p):
             assert_close(o, r, torch.float32)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+def test_grad_norm_of_large_tensors_is_accurate(norm_type):
+    """Against the float64 norm, not torch's CPU fp32 norm (2.7e-3 low on a 38.6M-element tensor,
+    see fusedopt/clip.py): 1e-6 relative holds for a 300K-element tensor beside small ones."""
+    params = make_params([(300, 1001), (17,), (70_000,), ()], torch.float32)
+    for p, g in zip(params, make_grads(params, 0)):
+        p.grad = g * 3.0
+    exact = torch.linalg.vector_norm(torch.cat([p.grad.double().view(-1) for p in params]), norm_type)
+    opt = fusedopt.SGD(params, lr=0.1, max_grad_norm=1.0, norm_type=norm_type)
+    opt.step()
+    assert opt.grad_norm.dtype == torch.float32
+    torch.testing.assert_close(opt.grad_norm.double(), exact, rtol=1e-6, atol=0)
