@@ -38,27 +38,29 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def bytes_per_element(opt: str, impl: str, elt_size: int) -> int:
-    """Bytes one step moves per parameter element: tensor reads + writes, each ``elt_size`` bytes.
+    """Bytes one step moves per parameter element: whole-tensor reads + writes, x ``elt_size``.
 
-    Counted from the kernels each implementation runs (torch 2.13, see torch/optim/{sgd,adam}.py),
-    a read or write of a whole tensor counting once; state steps and norms are a few bytes in all.
+    Counted from the kernels each implementation runs (torch 2.13: torch/optim/{sgd,adam}.py,
+    torch/nn/utils/clip_grad.py); step counters and norms are a few bytes in all and not counted.
+    A kernel reading one tensor twice (addcmul_(g, g)) counts it once.
 
-    torch's clip, every torch impl: _foreach_norm / vector_norm reads g (1) + mul_ by the clip
-    coefficient reads and writes g (2) = 3. clip_grad_norm_ always multiplies (no host branch).
-    fusedopt: the norm reads g (1), then torch's fused op with ``grad_scale`` reads g, p, state,
-    and writes p, state and the unscaled g back (it does store g when given grad_scale).
+    Clip. torch, every recipe: the norm reads g (1), then mul_ by the clip coefficient reads and
+    writes g (2) = 3; clip_grad_norm_ always multiplies (no host branch). fusedopt: the norm reads
+    g (1); the multiply is folded into the update as ``grad_scale``, and torch's fused op then also
+    writes the clipped g back (checked on CPU: .grad changes only when grad_scale is passed).
 
-    SGD, momentum, steady state (buffers exist):
-      fused:             reads p, g, buf; writes p, buf                             5 -> 3 + 5  =  8
-      foreach/for-loop:  buf.mul_ 2, buf.add_(g) 3, p.add_(buf) 3                   8 -> 3 + 8  = 11
-      fusedopt:          norm 1; fused reads p, g, buf, writes p, buf, g 6             -> 1 + 6  =  7
-    Adam (weight_decay=0) / AdamW (decoupled decay):
-      fused:             reads p, g, m, v; writes p, m, v                           7 -> 3 + 7  = 10
-      foreach/for-loop:  [AdamW only: p.mul_ 2] m.lerp_(g) 3, v.mul_ 2,
-                         v.addcmul_(g, g) 3, d = sqrt(v) 2, d.div_ 2, d.add_(eps) 2,
-                         p.addcdiv_(m, d) 4                                   18 (Adam) -> 3 + 18 = 21
-                                                                              20 (AdamW) -> 3 + 20 = 23
-      fusedopt:          norm 1; fused reads p, g, m, v, writes p, m, v, g 8           -> 1 + 8  =  9
+    Update, steady state (momentum buffers / moments exist):
+      SGD momentum   fused      p, g, buf -> p, buf                                       5
+                     foreach,   buf.mul_ 2, buf.add_(g) 3, p.add_(buf) 3                  8
+                     for-loop
+                     fusedopt   p, g, buf -> p, buf, g                                    6
+      Adam / AdamW   fused      p, g, m, v -> p, m, v                                     7
+                     foreach,   AdamW only: p.mul_(1 - lr wd) 2; m.lerp_(g) 3,
+                     for-loop   v.mul_ 2, v.addcmul_(g, g) 3, d = sqrt(v) 2, d.div_ 2,
+                                d.add_(eps) 2, p.addcdiv_(m, d) 4                  18 / AdamW 20
+                     fusedopt   p, g, m, v -> p, m, v, g                                  8
+    Totals (clip + update): SGD 11 / 8 / 7, Adam 21 / 10 / 9, AdamW 23 / 10 / 9 for
+    foreach-or-for-loop / fused / fusedopt: fp32 AdamW is 92 / 40 / 36 bytes per element.
     """
     clip = 1 if impl == "fusedopt (torch)" else 3
     if opt == "sgd":
@@ -131,14 +133,18 @@ def busy_cpus(seconds: float = 0.5) -> float | None:
     def sample():
         with open("/proc/stat") as f:
             ticks = [int(x) for x in f.readline().split()[1:]]
-        return sum(ticks), ticks[3] + ticks[4]  # total, idle + iowait
+        # all CPUs' busy seconds, wall seconds x CPUs, and this process's own CPU seconds (its
+        # OpenMP workers may still be spinning after the last parallel region)
+        hz = os.sysconf("SC_CLK_TCK")
+        return (sum(ticks) - ticks[3] - ticks[4]) / hz, sum(ticks) / hz, time.process_time()
     try:
-        total0, idle0 = sample()
+        busy0, total0, own0 = sample()
         time.sleep(seconds)
-        total1, idle1 = sample()
+        busy1, total1, own1 = sample()
     except (OSError, ValueError, IndexError):
         return None
-    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / max(total1 - total0, 1))
+    cpus = os.cpu_count() or 1
+    return max(0.0, cpus * ((busy1 - busy0) - (own1 - own0)) / max(total1 - total0, 1e-9))
 
 
 def warn_if_busy(busy: float | None, when: str) -> None:
