@@ -1,8 +1,11 @@
 """The one place that decides which backend runs a step: "torch" or "triton".
 
-No environment variable and no module global changes the answer: only the tensors and the
-``backend=`` argument do. Where the user asks for something that cannot run, the error says why.
+Only the tensors' devices and the ``backend=`` argument decide; no module global does. Where the
+user asks for something that cannot run, the error says why.
 """
+import functools
+import os
+
 import torch
 
 BACKENDS = ("torch", "triton")
@@ -18,17 +21,48 @@ def check_backend(backend) -> str | None:
     return backend
 
 
-def triton_unavailable_reason(devices) -> str:
-    """Why the Triton backend cannot run on ``devices``."""
-    # The kernels (fusedopt.kernels) arrive with the kernel work; until then nothing can run them.
-    return "this fusedopt build has no Triton kernels yet (fusedopt.kernels is empty)"
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:  # not installed, or broken
+        return f"triton cannot be imported ({e}); install it with `pip install triton`"
+    return None
+
+
+def _interpreting() -> bool:
+    """TRITON_INTERPRET=1 runs the kernels on CPU tensors (read at each call, as triton reads it)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_unavailable_reason(devices: set[torch.device]) -> str | None:
+    """Why the Triton kernels cannot step parameters on ``devices``; None when they can."""
+    if len(devices) > 1:
+        return (f"the parameters span several devices ({sorted(map(str, devices))}); a kernel "
+                "launch covers one device")
+    (device,) = devices
+    if device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
+        return (f"the parameters are on {device.type}; the kernels run on CUDA GPUs (or on CPU "
+                "tensors under TRITON_INTERPRET=1)")
+    return _triton_import_error()
 
 
 def choose_backend(requested: str | None, devices: set[torch.device]) -> str:
-    """The backend for one step over parameters on ``devices``."""
+    """The backend for one step over parameters on ``devices``.
+
+    None picks Triton for parameters on one CUDA device when triton imports, the torch path
+    otherwise (CPU, several devices, no triton).
+    """
+    if not devices:
+        return requested or "torch"
     if requested == "triton":
-        raise RuntimeError(f"backend='triton' cannot run: {triton_unavailable_reason(devices)}; "
-                           "use backend='torch' or backend=None")
+        reason = triton_unavailable_reason(devices)
+        if reason:
+            raise RuntimeError(f"backend='triton' cannot run: {reason}")
+        return "triton"
+    if requested is None and all(d.type == "cuda" for d in devices) \
+            and triton_unavailable_reason(devices) is None:
+        return "triton"
     unsupported = sorted({d.type for d in devices} - set(_TORCH_FUSED_DEVICE_TYPES))
     if unsupported:
         raise RuntimeError(

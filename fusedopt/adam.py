@@ -2,7 +2,7 @@
 Kernel twin: kernels/adam.py (kernel issue)."""
 import torch
 
-from fusedopt.optimizer import ClippedStep, class_doc, host_float, scalar_on
+from fusedopt.optimizer import ClippedStep, class_doc, host_float, kernel_lr, scalar_on
 
 
 def adam_torch_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1, beta2,
@@ -37,7 +37,26 @@ class _AdamStep(ClippedStep):
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
-    def _update_(self, group, params, grads, grad_scale, device, dtype):
+    # Triton backend: table row = p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, step | numel
+    _HAS_STEP = True
+    _N_TENSOR_COLUMNS = 5
+
+    def _kernel_row(self, group, p):
+        """(element tensors, scalar tensors, ints) of p's row (kernels/adam.py)."""
+        amsgrad = group["amsgrad"]
+        s = self._state_for(p, amsgrad)
+        vmax = s["max_exp_avg_sq"] if amsgrad else p  # never read without amsgrad
+        return [p, p.grad, s["exp_avg"], s["exp_avg_sq"], vmax], [s["step"]], []
+
+    def _launch_update_(self, group, table, clip, grid):
+        from fusedopt.kernels.adam import adam_triton_
+        beta1, beta2 = group["betas"]
+        adam_triton_(table, clip, lr=kernel_lr(group["lr"], table.device), beta1=host_float(beta1),
+                     beta2=host_float(beta2), eps=group["eps"], weight_decay=group["weight_decay"],
+                     amsgrad=group["amsgrad"], maximize=group["maximize"],
+                     decoupled_weight_decay=group["decoupled_weight_decay"], grid=grid)
+
+    def _update_(self, group, params, grads, grad_scale, device):
         amsgrad = group["amsgrad"]
         states = [self._state_for(p, amsgrad) for p in params]
         beta1, beta2 = group["betas"]

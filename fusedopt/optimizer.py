@@ -22,6 +22,17 @@ def scalar_on(value, device: torch.device):
     return value
 
 
+def kernel_lr(lr, device: torch.device):
+    """lr as the kernels take it: a float, or a 1-element fp32 Tensor on the device (read there,
+    so a scheduler writing into it needs no sync and no recompile). A CPU Tensor is read as a
+    float: that costs no sync."""
+    if not isinstance(lr, torch.Tensor):
+        return float(lr)
+    if lr.device.type == "cpu" and device.type != "cpu":
+        return float(lr)
+    return lr.to(device=device, dtype=torch.float32)
+
+
 def host_float(value) -> float:
     """A hyperparameter the fused ops take only as a float (SGD weight_decay, Adam betas).
 
@@ -142,9 +153,17 @@ class ClippedStep:
                 loss = closure()
         gathered = self._gather()
         params = [p for ps in gathered for p in ps]
-        choose_backend(self.backend, {p.device for p in params})
-        grads = [p.grad for p in params]
+        if params and choose_backend(self.backend, {p.device for p in params}) == "triton":
+            from fusedopt._triton_step import step_triton
+            step_triton(self, gathered)
+        else:
+            self._step_torch(gathered)
+        return loss
 
+    def _step_torch(self, gathered: list[list[torch.Tensor]]) -> None:
+        """The torch path: clamp .grad in place, take the norm, fold the clip into the update."""
+        params = [p for ps in gathered for p in ps]
+        grads = [p.grad for p in params]
         if self.max_grad_value is not None:
             _clip.clamp_grads_(grads, self.max_grad_value)
         clip = None
@@ -153,14 +172,16 @@ class ClippedStep:
                 (p for g in self.param_groups for p in g["params"]), torch.empty(0))
             self.grad_norm = _clip.total_norm(grads, self.norm_type, first.device)
             clip = _clip.ClipScale(self.grad_norm, self.max_grad_norm)
+        self._step_torch_groups(gathered, clip)
 
+    def _step_torch_groups(self, gathered, clip) -> None:
+        """The torch-path update of ``gathered`` (per param group), one call per (device, dtype)."""
         for group, group_params in zip(self.param_groups, gathered):
             for (device, dtype), idx in group_by_device_dtype(group_params).items():
                 ps = pick(group_params, idx)
                 gs = [p.grad for p in ps]
                 grad_scale = clip.grad_scale_for(gs, device, dtype) if clip is not None else None
-                self._update_(group, ps, gs, grad_scale, device, dtype)
-        return loss
+                self._update_(group, ps, gs, grad_scale, device)
 
     # -- keep the clip settings through pickle / deepcopy and show them -------------------------
 

@@ -1,7 +1,7 @@
 """SGD: the class and its torch path. Math: rules.sgd_rule. Kernel twin: kernels/sgd.py (kernel issue)."""
 import torch
 
-from fusedopt.optimizer import ClippedStep, class_doc, host_float, scalar_on
+from fusedopt.optimizer import ClippedStep, class_doc, host_float, kernel_lr, scalar_on
 
 
 def sgd_torch_(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov,
@@ -50,7 +50,27 @@ class SGD(ClippedStep, torch.optim.SGD):
                          foreach=foreach, differentiable=differentiable, fused=fused)
         self._after_torch_init()
 
-    def _update_(self, group, params, grads, grad_scale, device, dtype):
+    # Triton backend: table row = p, g, buf addresses | numel | first-step flag (kernels/sgd.py)
+    _HAS_STEP = False
+    _N_TENSOR_COLUMNS = 3
+
+    def _kernel_row(self, group, p):
+        """(element tensors, scalar tensors, ints) of p's row; creates the buffer on its first step."""
+        if group["momentum"] == 0:
+            return [p, p.grad, p], [], [0]  # the buffer column is never read
+        state = self.state[p]
+        first = "momentum_buffer" not in state
+        if first:
+            state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
+        return [p, p.grad, state["momentum_buffer"]], [], [int(first)]
+
+    def _launch_update_(self, group, table, clip, grid):
+        from fusedopt.kernels.sgd import sgd_triton_
+        sgd_triton_(table, clip, lr=kernel_lr(group["lr"], table.device), momentum=group["momentum"],
+                    dampening=group["dampening"], weight_decay=host_float(group["weight_decay"]),
+                    nesterov=group["nesterov"], maximize=group["maximize"], grid=grid)
+
+    def _update_(self, group, params, grads, grad_scale, device):
         momentum = group["momentum"]
         buffers = [self.state[p].get("momentum_buffer") for p in params] if momentum != 0 else []
         sgd_torch_(params, grads, buffers, lr=scalar_on(group["lr"], device), momentum=momentum,

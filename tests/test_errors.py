@@ -55,7 +55,6 @@ OUR_CHECKS = [
     (dict(max_grad_norm=1.0, norm_type=1.0), ValueError, "norm_type=1.0 is not supported"),
     (dict(max_grad_norm=1.0, norm_type="fro"), ValueError, "norm_type='fro' is not supported"),
     (dict(backend="cuda"), ValueError, "backend='cuda' is not one of"),
-    (dict(backend="triton"), RuntimeError, "backend='triton' cannot run: this fusedopt build has no"),
     (dict(differentiable=True), NotImplementedError, "does not support differentiable=True"),
 ]
 
@@ -113,6 +112,22 @@ def test_sparse_grad_refused_before_anything_is_touched(name):
     for p, b, g in zip(params[:-1], before, grads):
         assert torch.equal(p, b) and torch.equal(p.grad, g)
     assert len(opt.state) == 0 and opt.grad_norm is None
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_triton_backend_on_cpu_without_interpreter_says_why(name, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="backend='triton' cannot run: the parameters are on cpu; "
+                                           r"the kernels run on CUDA GPUs \(or on CPU tensors under "
+                                           "TRITON_INTERPRET=1\\)"):
+        OUR_CLASSES[name](make_params(SHAPES, torch.float32), backend="triton")
+
+
+def test_triton_backend_refuses_several_devices(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    params = make_params(SHAPES, torch.float32) + [torch.nn.Parameter(torch.ones(2, device="meta"))]
+    with pytest.raises(RuntimeError, match="span several devices"):
+        fusedopt.SGD(params, backend="triton")
 
 
 def test_backend_torch_runs_on_cpu():

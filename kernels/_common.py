@@ -1,0 +1,128 @@
+"""Pieces every fusedopt kernel shares: the rules as Triton functions, the block walk, masked and
+unmasked loads, and the clip coefficient formed on the device from the norm partials.
+
+Used by kernels/norm.py, kernels/sgd.py and kernels/adam.py; the host side of the tables these
+read is fusedopt/_multi_tensor.py.
+"""
+import types
+
+import torch
+import triton
+import triton.language as tl
+
+# Partials per dtype group: the norm pass writes one per program, so its grid is at most this.
+# 1024 programs keep ~4 MB of loads in flight on a 132-SM H100 (BLOCK 1024 x 4 B each); the update
+# programs each re-read every slot (4 KB per dtype group) from L2. Not yet swept on a GPU.
+NUM_PARTIALS = 1024
+# Elements per block: 4 warps x 32 threads x 8 fp32 = two 128-bit accesses per thread per tensor.
+# Not yet swept on a GPU.
+BLOCK_SIZE = 1024
+NUM_WARPS = 4
+
+NORM_NONE, NORM_L2, NORM_INF = 0, 2, 1  # the NORM constexpr: which norm, if any
+
+_TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+KERNEL_DTYPES = tuple(_TRITON_DTYPES)  # fp64 stays on the torch path
+
+
+def triton_dtype(dtype: torch.dtype):
+    return _TRITON_DTYPES[dtype]
+
+
+def jit_rule(fn):
+    """``triton.jit`` of a fusedopt/rules.py function.
+
+    rules.py imports no Triton; the interpreter wants ``triton.language`` among the function's
+    globals, so the jitted function is a twin whose globals add ``tl`` (same code object, so the
+    compiled path reads the same source).
+    """
+    scope = dict(fn.__globals__, tl=tl)
+    twin = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+    twin.__module__, twin.__qualname__, twin.__doc__ = fn.__module__, fn.__qualname__, fn.__doc__
+    return triton.jit(twin)
+
+
+@triton.jit
+def max_nan(a, b):
+    """max that keeps NaN (torch's inf-norm of a NaN is NaN; PTX max.f32 would drop it)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def max_nan_reduce(x):
+    """tl.max over a vector, NaN if any element is NaN (a plain vector op: the interpreter runs
+    a custom-combine tl.reduce element by element, 10x slower)."""
+    has_nan = tl.sum((x != x).to(tl.int32), axis=0) > 0
+    return tl.where(has_nan, float("nan"), tl.max(x, axis=0))
+
+
+@triton.jit
+def block_of(table_ptr, block_tensor_ptr, block_index_ptr, b, ROW: tl.constexpr,
+             NUMEL_COL: tl.constexpr, BLOCK: tl.constexpr):
+    """Block ``b`` of the launch: (its tensor's row of the table, first element, tensor numel)."""
+    t = tl.load(block_tensor_ptr + b).to(tl.int64)
+    row = table_ptr + t * ROW
+    start = tl.load(block_index_ptr + b).to(tl.int64) * BLOCK
+    return row, start, tl.load(row + NUMEL_COL)
+
+
+@triton.jit
+def column_ptr(row, COL: tl.constexpr, DTYPE: tl.constexpr):
+    """The address in column COL of a table row, as a 16-byte aligned pointer to DTYPE
+    (the host sends tensors whose addresses are not 16-byte aligned to the torch path)."""
+    return tl.multiple_of(tl.load(row + COL).to(tl.pointer_type(DTYPE)), 16)
+
+
+@triton.jit
+def load_f32(ptr, offs, mask, MASKED: tl.constexpr):
+    """fp32 values at ptr + offs; full blocks load unmasked, which gives 128-bit loads."""
+    if MASKED:
+        x = tl.load(ptr + offs, mask=mask, other=0.0)
+    else:
+        x = tl.load(ptr + offs)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def store_as(ptr, offs, x, mask, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr + offs, x.to(ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(ptr + offs, x.to(ptr.dtype.element_ty))
+
+
+@triton.jit
+def clamp_value(g, max_value, VALUE_CLIP: tl.constexpr):
+    """clip_grad_value_: clamp to [-max_value, max_value] (NaN stays NaN, as torch.clamp)."""
+    if VALUE_CLIP:
+        g = tl.where(g < -max_value, -max_value, g)
+        g = tl.where(g > max_value, max_value, g)
+    return g
+
+
+@triton.jit
+def total_norm(partials_ptr, n_partials, NORM: tl.constexpr, NUM_PARTIALS: tl.constexpr):
+    """The total norm from every dtype group's partials, summed in one fixed order."""
+    offs = tl.arange(0, NUM_PARTIALS)
+    acc = tl.zeros([NUM_PARTIALS], dtype=tl.float32)
+    for i in range(0, n_partials, NUM_PARTIALS):
+        part = tl.load(partials_ptr + i + offs)
+        if NORM == 2:
+            acc += part
+        else:
+            acc = max_nan(acc, part)
+    if NORM == 2:
+        return tl.sqrt(tl.sum(acc, axis=0))
+    return max_nan_reduce(acc)
+
+
+@triton.jit
+def clip_coef(partials_ptr, n_partials, norm_out_ptr, write_norm, max_norm,
+              NORM: tl.constexpr, NUM_PARTIALS: tl.constexpr):
+    """clip_grad_norm_'s min(1, max_norm / (norm + 1e-6)), NaN kept; program 0 may store the norm."""
+    norm = total_norm(partials_ptr, n_partials, NORM, NUM_PARTIALS)
+    if write_norm != 0:
+        if tl.program_id(0) == 0:
+            tl.store(norm_out_ptr, norm)
+    coef = max_norm / (norm + 1e-6)
+    return tl.where(coef > 1.0, 1.0, coef)

@@ -1,0 +1,111 @@
+"""Adam / AdamW update pass: one launch per (param group, dtype) reads g, p, exp_avg, exp_avg_sq
+(and max_exp_avg_sq) once and writes p and the moments; the clip coefficient comes from the norm
+partials, the step count from each tensor's own device counter (advanced by the norm pass). Grads
+are never written. Math: fusedopt/rules.adam_*_rule. Torch twin: fusedopt/adam.py."""
+import triton
+import triton.language as tl
+
+from fusedopt.kernels._common import (BLOCK_SIZE, NUM_PARTIALS, NUM_WARPS, block_of, clamp_value,
+                                      clip_coef, column_ptr, jit_rule, load_f32, store_as,
+                                      triton_dtype)
+from fusedopt.rules import adam_moments_rule, adam_param_rule
+
+adam_moments_rule_tl = jit_rule(adam_moments_rule)
+adam_param_rule_tl = jit_rule(adam_param_rule)
+
+# table columns
+P, G, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, STEP, NUMEL = range(7)
+ROW = 7
+
+
+@triton.jit
+def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, n, coef, max_value, beta1, beta2,
+                coupled_wd, decay, step_size, bias_correction2_sqrt, eps,
+                VALUE_CLIP: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+                MASKED: tl.constexpr):
+    mask = offs < n
+    g = clamp_value(load_f32(g_ptr, offs, mask, MASKED), max_value, VALUE_CLIP) * coef
+    p = load_f32(p_ptr, offs, mask, MASKED)
+    m, v = adam_moments_rule_tl(p, g, load_f32(m_ptr, offs, mask, MASKED),
+                                load_f32(v_ptr, offs, mask, MASKED), beta1, beta2, coupled_wd,
+                                MAXIMIZE)
+    if AMSGRAD:
+        v_hat = tl.maximum(load_f32(vmax_ptr, offs, mask, MASKED), v)
+        store_as(vmax_ptr, offs, v_hat, mask, MASKED)
+    else:
+        v_hat = v
+    root = tl.sqrt(v_hat)
+    p = adam_param_rule_tl(p, m, root, decay, step_size, bias_correction2_sqrt, eps)
+    store_as(m_ptr, offs, m, mask, MASKED)
+    store_as(v_ptr, offs, v, mask, MASKED)
+    store_as(p_ptr, offs, p, mask, MASKED)
+
+
+@triton.jit(do_not_specialize=["n_blocks", "n_partials", "write_norm"])
+def _adam_kernel(
+    table_ptr,         # int64 [n_tensors, 7]: p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, step
+                       #   addresses, numel
+    block_tensor_ptr,  # int32 [n_blocks]: the tensor of each block
+    block_index_ptr,   # int32 [n_blocks]: the block's index inside its tensor
+    partials_ptr,      # fp32 [n_partials]: every dtype group's norm partials (NORM != 0)
+    norm_out_ptr,      # fp32 [1]: the total norm, stored by program 0 when write_norm
+    lr_ptr,            # fp32 [1]: a Tensor lr (LR_FROM_PTR)
+    n_blocks, n_partials, write_norm,
+    lr,                # float lr (not LR_FROM_PTR)
+    beta1, beta2, eps,
+    weight_decay,      # L2 decay (coupled, Adam) or decoupled (AdamW), by DECOUPLED
+    max_norm,          # clip_grad_norm_'s max_norm (NORM != 0)
+    max_value,         # clip_grad_value_'s bound (VALUE_CLIP)
+    DTYPE: tl.constexpr, NORM: tl.constexpr, VALUE_CLIP: tl.constexpr, AMSGRAD: tl.constexpr,
+    MAXIMIZE: tl.constexpr, DECOUPLED: tl.constexpr, LR_FROM_PTR: tl.constexpr,
+    BLOCK: tl.constexpr, NUM_PARTIALS: tl.constexpr,
+):
+    coef = 1.0
+    if NORM != 0:
+        coef = clip_coef(partials_ptr, n_partials, norm_out_ptr, write_norm, max_norm, NORM,
+                         NUM_PARTIALS)
+    if LR_FROM_PTR:
+        lr = tl.load(lr_ptr).to(tl.float32)
+    if DECOUPLED:
+        coupled_wd = 0.0
+        decay = 1.0 - lr * weight_decay
+    else:
+        coupled_wd = weight_decay
+        decay = 1.0
+    log2_beta1 = tl.log2(beta1)
+    log2_beta2 = tl.log2(beta2)
+    for b in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
+        row, start, n = block_of(table_ptr, block_tensor_ptr, block_index_ptr, b, ROW, NUMEL, BLOCK)
+        step = tl.load(column_ptr(row, STEP, tl.float32))
+        step_size = lr / (1.0 - tl.exp2(step * log2_beta1))           # lr / (1 - beta1 ** step)
+        bias_correction2_sqrt = tl.sqrt(1.0 - tl.exp2(step * log2_beta2))  # sqrt(1 - beta2 ** step)
+        p_ptr = column_ptr(row, P, DTYPE)
+        g_ptr = column_ptr(row, G, DTYPE)
+        m_ptr = column_ptr(row, EXP_AVG, DTYPE)
+        v_ptr = column_ptr(row, EXP_AVG_SQ, DTYPE)
+        vmax_ptr = column_ptr(row, MAX_EXP_AVG_SQ, DTYPE)
+        offs = start + tl.arange(0, BLOCK)
+        if start + BLOCK <= n:
+            _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, n, coef, max_value, beta1, beta2,
+                        coupled_wd, decay, step_size, bias_correction2_sqrt, eps, VALUE_CLIP,
+                        AMSGRAD, MAXIMIZE, False)
+        else:
+            _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, n, coef, max_value, beta1, beta2,
+                        coupled_wd, decay, step_size, bias_correction2_sqrt, eps, VALUE_CLIP,
+                        AMSGRAD, MAXIMIZE, True)
+
+
+def adam_triton_(table, clip, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
+                 decoupled_weight_decay, grid):
+    """Launch the Adam/AdamW update over ``table`` (columns p, g, exp_avg, exp_avg_sq,
+    max_exp_avg_sq (p's address when not amsgrad), step, numel); see sgd_triton_ for ``clip``."""
+    lr_is_tensor = not isinstance(lr, float)
+    _adam_kernel[(grid,)](
+        table.rows, table.block_tensor, table.block_index, clip.partials, clip.norm_out,
+        lr if lr_is_tensor else clip.norm_out, table.n_blocks, clip.partials.numel(),
+        int(clip.write_norm), 0.0 if lr_is_tensor else lr, float(beta1), float(beta2), float(eps),
+        float(weight_decay), clip.max_norm, clip.max_value,
+        DTYPE=triton_dtype(table.dtype), NORM=clip.norm, VALUE_CLIP=clip.value_clip,
+        AMSGRAD=amsgrad, MAXIMIZE=maximize, DECOUPLED=decoupled_weight_decay,
+        LR_FROM_PTR=lr_is_tensor, BLOCK=BLOCK_SIZE, NUM_PARTIALS=NUM_PARTIALS, num_warps=NUM_WARPS)
+    clip.write_norm = False

@@ -1,0 +1,76 @@
+"""The norm pass: one launch per dtype group reads every gradient once and writes one partial
+(sum of squares, or max |g|) per program; Adam's step counters advance in the same launch.
+
+Deterministic: block b always goes to program b % grid, each program adds its blocks in order,
+and the update kernels reduce the partials in one fixed order; no float atomics. The torch twin
+is fusedopt/clip.py.
+"""
+import triton
+import triton.language as tl
+
+from fusedopt.kernels._common import (BLOCK_SIZE, NUM_PARTIALS, NUM_WARPS, block_of, clamp_value,
+                                      column_ptr, load_f32, max_nan, max_nan_reduce,
+                                      triton_dtype)
+
+
+@triton.jit
+def _norm_block(g_ptr, offs, n, acc, max_value, NORM: tl.constexpr, VALUE_CLIP: tl.constexpr,
+                MASKED: tl.constexpr):
+    g = clamp_value(load_f32(g_ptr, offs, offs < n, MASKED), max_value, VALUE_CLIP)
+    if NORM == 2:
+        return acc + g * g
+    return max_nan(acc, tl.abs(g))
+
+
+@triton.jit(do_not_specialize=["n_blocks"])
+def _norm_kernel(
+    table_ptr,         # int64 [n_tensors, ROW]: grad address, numel, [step address]
+    block_tensor_ptr,  # int32 [n_blocks]: the tensor of each block
+    block_index_ptr,   # int32 [n_blocks]: the block's index inside its tensor
+    partials_ptr,      # fp32 [NUM_PARTIALS]: this dtype group's slots of the partials buffer
+    n_blocks,          # blocks in the launch
+    max_value,         # clip_grad_value_'s bound (VALUE_CLIP only)
+    DTYPE: tl.constexpr,       # grad element type
+    ROW: tl.constexpr,         # table columns
+    NORM: tl.constexpr,        # NORM_NONE / NORM_L2 / NORM_INF
+    VALUE_CLIP: tl.constexpr,  # clamp before measuring
+    HAS_STEP: tl.constexpr,    # column 2 holds an fp32 step counter to advance (Adam)
+    BLOCK: tl.constexpr,
+    NUM_PARTIALS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    grid = tl.num_programs(0)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for b in range(pid, n_blocks, grid):
+        row, start, n = block_of(table_ptr, block_tensor_ptr, block_index_ptr, b, ROW, 1, BLOCK)
+        if HAS_STEP:
+            if start == 0:  # one program per tensor advances its counter, before any update reads it
+                step_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
+                tl.store(step_ptr, tl.load(step_ptr) + 1.0)
+        if NORM != 0:
+            g_ptr = column_ptr(row, 0, DTYPE)
+            offs = start + tl.arange(0, BLOCK)
+            if start + BLOCK <= n:
+                acc = _norm_block(g_ptr, offs, n, acc, max_value, NORM, VALUE_CLIP, False)
+            else:
+                acc = _norm_block(g_ptr, offs, n, acc, max_value, NORM, VALUE_CLIP, True)
+    if NORM != 0:
+        if NORM == 2:
+            tl.store(partials_ptr + pid, tl.sum(acc, axis=0))
+        else:
+            tl.store(partials_ptr + pid, max_nan_reduce(acc))
+        if pid == 0:  # slots past the grid belong to no program: zero them (no memset launch)
+            slots = tl.arange(0, NUM_PARTIALS)
+            tl.store(partials_ptr + slots, tl.zeros([NUM_PARTIALS], dtype=tl.float32),
+                     mask=slots >= grid)
+
+
+def norm_pass_(table, partials, dtype, norm, max_value, has_step):
+    """Launch the norm pass over ``table`` (a fusedopt._multi_tensor.LaunchTable with columns
+    grad[, step]) into ``partials`` (NUM_PARTIALS fp32 slots)."""
+    grid = (min(table.n_blocks, NUM_PARTIALS),)
+    _norm_kernel[grid](
+        table.rows, table.block_tensor, table.block_index, partials, table.n_blocks,
+        0.0 if max_value is None else max_value,
+        DTYPE=triton_dtype(dtype), ROW=table.row_width, NORM=norm, VALUE_CLIP=max_value is not None,
+        HAS_STEP=has_step, BLOCK=BLOCK_SIZE, NUM_PARTIALS=NUM_PARTIALS, num_warps=NUM_WARPS)

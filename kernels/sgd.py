@@ -1,0 +1,90 @@
+"""SGD update pass: one launch per (param group, dtype) reads g, p and the momentum buffer once and
+writes p and the buffer; the clip coefficient comes from the norm partials. Grads are never
+written. Math: fusedopt/rules.sgd_rule. Torch twin: fusedopt/sgd.py."""
+import triton
+import triton.language as tl
+
+from fusedopt.kernels._common import (BLOCK_SIZE, NUM_PARTIALS, NUM_WARPS, block_of, clamp_value,
+                                      clip_coef, column_ptr, jit_rule, load_f32, store_as,
+                                      triton_dtype)
+from fusedopt.rules import sgd_rule
+
+sgd_rule_tl = jit_rule(sgd_rule)
+
+# table columns
+P, G, BUF, NUMEL, FIRST = range(5)
+ROW = 5
+
+
+@triton.jit
+def _sgd_block(p_ptr, g_ptr, buf_ptr, offs, n, coef, first, lr, momentum, dampening, weight_decay,
+               max_value, VALUE_CLIP: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
+               NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, MASKED: tl.constexpr):
+    mask = offs < n
+    g = clamp_value(load_f32(g_ptr, offs, mask, MASKED), max_value, VALUE_CLIP) * coef
+    p = load_f32(p_ptr, offs, mask, MASKED)
+    if HAS_MOMENTUM:
+        # first step: torch sets buf = g, which the rule gives with buf = 0 and dampening = 0
+        buf = tl.where(first != 0, 0.0, load_f32(buf_ptr, offs, mask, MASKED))
+        p, buf = sgd_rule_tl(p, g, buf, lr, momentum, tl.where(first != 0, 0.0, dampening),
+                             weight_decay, NESTEROV, MAXIMIZE)
+        store_as(buf_ptr, offs, buf, mask, MASKED)
+    else:
+        p, _ = sgd_rule_tl(p, g, 0.0, lr, 0.0, 0.0, weight_decay, False, MAXIMIZE)
+    store_as(p_ptr, offs, p, mask, MASKED)
+
+
+@triton.jit(do_not_specialize=["n_blocks", "n_partials", "write_norm"])
+def _sgd_kernel(
+    table_ptr,         # int64 [n_tensors, 5]: param, grad, buffer addresses, numel, first-step flag
+    block_tensor_ptr,  # int32 [n_blocks]: the tensor of each block
+    block_index_ptr,   # int32 [n_blocks]: the block's index inside its tensor
+    partials_ptr,      # fp32 [n_partials]: every dtype group's norm partials (NORM != 0)
+    norm_out_ptr,      # fp32 [1]: the total norm, stored by program 0 when write_norm
+    lr_ptr,            # fp32 [1]: a Tensor lr (LR_FROM_PTR)
+    n_blocks, n_partials, write_norm,
+    lr,                # float lr (not LR_FROM_PTR)
+    momentum, dampening, weight_decay,
+    max_norm,          # clip_grad_norm_'s max_norm (NORM != 0)
+    max_value,         # clip_grad_value_'s bound (VALUE_CLIP)
+    DTYPE: tl.constexpr, NORM: tl.constexpr, VALUE_CLIP: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
+    LR_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr, NUM_PARTIALS: tl.constexpr,
+):
+    coef = 1.0
+    if NORM != 0:
+        coef = clip_coef(partials_ptr, n_partials, norm_out_ptr, write_norm, max_norm, NORM,
+                         NUM_PARTIALS)
+    if LR_FROM_PTR:
+        lr = tl.load(lr_ptr).to(tl.float32)
+    for b in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
+        row, start, n = block_of(table_ptr, block_tensor_ptr, block_index_ptr, b, ROW, NUMEL, BLOCK)
+        p_ptr = column_ptr(row, P, DTYPE)
+        g_ptr = column_ptr(row, G, DTYPE)
+        buf_ptr = column_ptr(row, BUF, DTYPE)
+        first = tl.load(row + FIRST)
+        offs = start + tl.arange(0, BLOCK)
+        if start + BLOCK <= n:
+            _sgd_block(p_ptr, g_ptr, buf_ptr, offs, n, coef, first, lr, momentum, dampening,
+                       weight_decay, max_value, VALUE_CLIP, HAS_MOMENTUM, NESTEROV, MAXIMIZE, False)
+        else:
+            _sgd_block(p_ptr, g_ptr, buf_ptr, offs, n, coef, first, lr, momentum, dampening,
+                       weight_decay, max_value, VALUE_CLIP, HAS_MOMENTUM, NESTEROV, MAXIMIZE, True)
+
+
+def sgd_triton_(table, clip, *, lr, momentum, dampening, weight_decay, nesterov, maximize, grid):
+    """Launch the SGD update over ``table`` (columns p, g, buf, numel, first-step flag).
+
+    ``clip`` carries the partials buffer, the norm output, the norm kind and the clip bounds;
+    ``lr`` is a float or a 1-element fp32 tensor on the device.
+    """
+    lr_is_tensor = not isinstance(lr, float)
+    _sgd_kernel[(grid,)](
+        table.rows, table.block_tensor, table.block_index, clip.partials, clip.norm_out,
+        lr if lr_is_tensor else clip.norm_out, table.n_blocks, clip.partials.numel(),
+        int(clip.write_norm), 0.0 if lr_is_tensor else lr, float(momentum), float(dampening),
+        float(weight_decay), clip.max_norm, clip.max_value,
+        DTYPE=triton_dtype(table.dtype), NORM=clip.norm, VALUE_CLIP=clip.value_clip,
+        HAS_MOMENTUM=momentum != 0, NESTEROV=nesterov, MAXIMIZE=maximize, LR_FROM_PTR=lr_is_tensor,
+        BLOCK=BLOCK_SIZE, NUM_PARTIALS=NUM_PARTIALS, num_warps=NUM_WARPS)
+    clip.write_norm = False
