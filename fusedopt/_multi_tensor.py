@@ -57,6 +57,13 @@ class LaunchTable:
         return host.to(self.device, non_blocking=True)
 
 
+def norm_grid(device: torch.device, n_blocks: int, num_partials: int) -> int:
+    """Programs of a norm pass, one partial each: as many as there are slots on a GPU (enough
+    loads in flight to fill the memory system); under the CPU interpreter 16, since each program
+    costs ~7 ms of interpretation there whatever it does (measured, triton 3.9)."""
+    return max(1, min(n_blocks, num_partials if device.type == "cuda" else 16))
+
+
 def update_grid(device: torch.device, n_blocks: int) -> int:
     """Programs of an update launch: each walks blocks pid, pid + grid, ... and forms the clip
     coefficient once. 16 per SM on a GPU (4 warps each: half of an H100 SM's 64 warps; not yet

@@ -13,7 +13,7 @@ import torch
 
 from fusedopt import clip as _clip
 from fusedopt._grouping import group_by_device_dtype, pick
-from fusedopt._multi_tensor import LaunchTable, tensors_fit_kernel, update_grid
+from fusedopt._multi_tensor import LaunchTable, norm_grid, tensors_fit_kernel, update_grid
 
 
 class KernelClip:
@@ -70,7 +70,8 @@ def step_triton(opt, gathered) -> None:
             table = _table(tables, ("norm", dtype), device, dtype, BLOCK_SIZE, norm_rows,
                            [p for p, _ in entries])
             norm_pass_(table, clip.partials[slot * NUM_PARTIALS:(slot + 1) * NUM_PARTIALS], dtype,
-                       clip.norm, opt.max_grad_value, opt._HAS_STEP)
+                       clip.norm, opt.max_grad_value, opt._HAS_STEP,
+                       norm_grid(device, table.n_blocks, NUM_PARTIALS))
     if fallback_params and clipping:
         _fallback_partial_(clip, fallback_params, opt, len(dtypes) * NUM_PARTIALS, NUM_PARTIALS)
 

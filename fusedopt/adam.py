@@ -1,5 +1,5 @@
 """Adam and AdamW: the classes and their torch path. Math: rules.adam_*_rule.
-Kernel twin: kernels/adam.py (kernel issue)."""
+Kernel twin: kernels/adam.py."""
 import torch
 
 from fusedopt.optimizer import ClippedStep, class_doc, host_float, kernel_lr, scalar_on

@@ -5,9 +5,8 @@ are never written. Math: fusedopt/rules.adam_*_rule. Torch twin: fusedopt/adam.p
 import triton
 import triton.language as tl
 
-from fusedopt.kernels._common import (BLOCK_SIZE, NUM_PARTIALS, NUM_WARPS, block_of, clamp_value,
-                                      clip_coef, column_ptr, jit_rule, load_f32, store_as,
-                                      triton_dtype)
+from fusedopt.kernels._common import (BLOCK_SIZE, NUM_PARTIALS, NUM_WARPS, clamp_value, clip_coef,
+                                      jit_rule, triton_dtype)
 from fusedopt.rules import adam_moments_rule, adam_param_rule
 
 adam_moments_rule_tl = jit_rule(adam_moments_rule)
@@ -23,22 +22,24 @@ def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, n, coef, max_value, 
                 coupled_wd, decay, step_size, bias_correction2_sqrt, eps,
                 VALUE_CLIP: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
                 MASKED: tl.constexpr):
-    mask = offs < n
-    g = clamp_value(load_f32(g_ptr, offs, mask, MASKED), max_value, VALUE_CLIP) * coef
-    p = load_f32(p_ptr, offs, mask, MASKED)
-    m, v = adam_moments_rule_tl(p, g, load_f32(m_ptr, offs, mask, MASKED),
-                                load_f32(v_ptr, offs, mask, MASKED), beta1, beta2, coupled_wd,
-                                MAXIMIZE)
+    """One block; MASKED only for a tensor's last, partial block (full blocks get 128-bit access)."""
+    mask, other = (offs < n, 0.0) if MASKED else (None, None)
+    g = tl.load(g_ptr + offs, mask=mask, other=other).to(tl.float32)
+    g = clamp_value(g, max_value, VALUE_CLIP) * coef
+    p = tl.load(p_ptr + offs, mask=mask, other=other).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=mask, other=other).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=mask, other=other).to(tl.float32)
+    m, v = adam_moments_rule_tl(p, g, m, v, beta1, beta2, coupled_wd, MAXIMIZE)
     if AMSGRAD:
-        v_hat = tl.maximum(load_f32(vmax_ptr, offs, mask, MASKED), v)
-        store_as(vmax_ptr, offs, v_hat, mask, MASKED)
+        v_hat = tl.maximum(tl.load(vmax_ptr + offs, mask=mask, other=other).to(tl.float32), v)
+        tl.store(vmax_ptr + offs, v_hat.to(vmax_ptr.dtype.element_ty), mask=mask)
     else:
         v_hat = v
     root = tl.sqrt(v_hat)
     p = adam_param_rule_tl(p, m, root, decay, step_size, bias_correction2_sqrt, eps)
-    store_as(m_ptr, offs, m, mask, MASKED)
-    store_as(v_ptr, offs, v, mask, MASKED)
-    store_as(p_ptr, offs, p, mask, MASKED)
+    tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
+    tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["n_blocks", "n_partials", "write_norm"])
@@ -75,15 +76,17 @@ def _adam_kernel(
     log2_beta1 = tl.log2(beta1)
     log2_beta2 = tl.log2(beta2)
     for b in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
-        row, start, n = block_of(table_ptr, block_tensor_ptr, block_index_ptr, b, ROW, NUMEL, BLOCK)
-        step = tl.load(column_ptr(row, STEP, tl.float32))
-        step_size = lr / (1.0 - tl.exp2(step * log2_beta1))           # lr / (1 - beta1 ** step)
+        row = table_ptr + tl.load(block_tensor_ptr + b).to(tl.int64) * ROW
+        start = tl.load(block_index_ptr + b).to(tl.int64) * BLOCK
+        n = tl.load(row + NUMEL)
+        step = tl.load(tl.load(row + STEP).to(tl.pointer_type(tl.float32)))
+        step_size = lr / (1.0 - tl.exp2(step * log2_beta1))                 # lr / (1 - beta1 ** step)
         bias_correction2_sqrt = tl.sqrt(1.0 - tl.exp2(step * log2_beta2))  # sqrt(1 - beta2 ** step)
-        p_ptr = column_ptr(row, P, DTYPE)
-        g_ptr = column_ptr(row, G, DTYPE)
-        m_ptr = column_ptr(row, EXP_AVG, DTYPE)
-        v_ptr = column_ptr(row, EXP_AVG_SQ, DTYPE)
-        vmax_ptr = column_ptr(row, MAX_EXP_AVG_SQ, DTYPE)
+        p_ptr = tl.multiple_of(tl.load(row + P).to(tl.pointer_type(DTYPE)), 16)
+        g_ptr = tl.multiple_of(tl.load(row + G).to(tl.pointer_type(DTYPE)), 16)
+        m_ptr = tl.multiple_of(tl.load(row + EXP_AVG).to(tl.pointer_type(DTYPE)), 16)
+        v_ptr = tl.multiple_of(tl.load(row + EXP_AVG_SQ).to(tl.pointer_type(DTYPE)), 16)
+        vmax_ptr = tl.multiple_of(tl.load(row + MAX_EXP_AVG_SQ).to(tl.pointer_type(DTYPE)), 16)
         offs = start + tl.arange(0, BLOCK)
         if start + BLOCK <= n:
             _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, n, coef, max_value, beta1, beta2,

@@ -8,18 +8,8 @@ is fusedopt/clip.py.
 import triton
 import triton.language as tl
 
-from fusedopt.kernels._common import (BLOCK_SIZE, NUM_PARTIALS, NUM_WARPS, block_of, clamp_value,
-                                      column_ptr, load_f32, max_nan, max_nan_reduce,
-                                      triton_dtype)
-
-
-@triton.jit
-def _norm_block(g_ptr, offs, n, acc, max_value, NORM: tl.constexpr, VALUE_CLIP: tl.constexpr,
-                MASKED: tl.constexpr):
-    g = clamp_value(load_f32(g_ptr, offs, offs < n, MASKED), max_value, VALUE_CLIP)
-    if NORM == 2:
-        return acc + g * g
-    return max_nan(acc, tl.abs(g))
+from fusedopt.kernels._common import (BLOCK_SIZE, NUM_PARTIALS, NUM_WARPS, clamp_value,
+                                      max_nan_reduce, triton_dtype)
 
 
 @triton.jit(do_not_specialize=["n_blocks"])
@@ -42,18 +32,25 @@ def _norm_kernel(
     grid = tl.num_programs(0)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for b in range(pid, n_blocks, grid):
-        row, start, n = block_of(table_ptr, block_tensor_ptr, block_index_ptr, b, ROW, 1, BLOCK)
+        row = table_ptr + tl.load(block_tensor_ptr + b).to(tl.int64) * ROW
+        start = tl.load(block_index_ptr + b).to(tl.int64) * BLOCK
         if HAS_STEP:
             if start == 0:  # one program per tensor advances its counter, before any update reads it
                 step_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
                 tl.store(step_ptr, tl.load(step_ptr) + 1.0)
         if NORM != 0:
-            g_ptr = column_ptr(row, 0, DTYPE)
+            n = tl.load(row + 1)
+            g_ptr = tl.multiple_of(tl.load(row).to(tl.pointer_type(DTYPE)), 16)
             offs = start + tl.arange(0, BLOCK)
-            if start + BLOCK <= n:
-                acc = _norm_block(g_ptr, offs, n, acc, max_value, NORM, VALUE_CLIP, False)
+            if start + BLOCK <= n:  # full block: unmasked, 128-bit loads
+                g = tl.load(g_ptr + offs).to(tl.float32)
             else:
-                acc = _norm_block(g_ptr, offs, n, acc, max_value, NORM, VALUE_CLIP, True)
+                g = tl.load(g_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+            g = clamp_value(g, max_value, VALUE_CLIP)
+            if NORM == 2:
+                acc += g * g
+            else:
+                acc = tl.maximum(acc, tl.abs(g), propagate_nan=tl.PropagateNan.ALL)
     if NORM != 0:
         if NORM == 2:
             tl.store(partials_ptr + pid, tl.sum(acc, axis=0))
@@ -65,11 +62,11 @@ def _norm_kernel(
                      mask=slots >= grid)
 
 
-def norm_pass_(table, partials, dtype, norm, max_value, has_step):
+def norm_pass_(table, partials, dtype, norm, max_value, has_step, grid):
     """Launch the norm pass over ``table`` (a fusedopt._multi_tensor.LaunchTable with columns
-    grad[, step]) into ``partials`` (NUM_PARTIALS fp32 slots)."""
-    grid = (min(table.n_blocks, NUM_PARTIALS),)
-    _norm_kernel[grid](
+    grad[, step]) into ``partials`` (NUM_PARTIALS fp32 slots) with ``grid`` <= NUM_PARTIALS
+    programs; the grid fixes which blocks each partial sums, so it fixes the result's bits."""
+    _norm_kernel[(grid,)](
         table.rows, table.block_tensor, table.block_index, partials, table.n_blocks,
         0.0 if max_value is None else max_value,
         DTYPE=triton_dtype(dtype), ROW=table.row_width, NORM=norm, VALUE_CLIP=max_value is not None,

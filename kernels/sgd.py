@@ -4,9 +4,8 @@ written. Math: fusedopt/rules.sgd_rule. Torch twin: fusedopt/sgd.py."""
 import triton
 import triton.language as tl
 
-from fusedopt.kernels._common import (BLOCK_SIZE, NUM_PARTIALS, NUM_WARPS, block_of, clamp_value,
-                                      clip_coef, column_ptr, jit_rule, load_f32, store_as,
-                                      triton_dtype)
+from fusedopt.kernels._common import (BLOCK_SIZE, NUM_PARTIALS, NUM_WARPS, clamp_value, clip_coef,
+                                      jit_rule, triton_dtype)
 from fusedopt.rules import sgd_rule
 
 sgd_rule_tl = jit_rule(sgd_rule)
@@ -20,18 +19,21 @@ ROW = 5
 def _sgd_block(p_ptr, g_ptr, buf_ptr, offs, n, coef, first, lr, momentum, dampening, weight_decay,
                max_value, VALUE_CLIP: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
                NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, MASKED: tl.constexpr):
-    mask = offs < n
-    g = clamp_value(load_f32(g_ptr, offs, mask, MASKED), max_value, VALUE_CLIP) * coef
-    p = load_f32(p_ptr, offs, mask, MASKED)
+    """One block; MASKED only for a tensor's last, partial block (full blocks get 128-bit access)."""
+    mask, other = (offs < n, 0.0) if MASKED else (None, None)
+    g = tl.load(g_ptr + offs, mask=mask, other=other).to(tl.float32)
+    g = clamp_value(g, max_value, VALUE_CLIP) * coef
+    p = tl.load(p_ptr + offs, mask=mask, other=other).to(tl.float32)
     if HAS_MOMENTUM:
         # first step: torch sets buf = g, which the rule gives with buf = 0 and dampening = 0
-        buf = tl.where(first != 0, 0.0, load_f32(buf_ptr, offs, mask, MASKED))
+        buf = tl.load(buf_ptr + offs, mask=mask, other=other).to(tl.float32)
+        buf = tl.where(first != 0, 0.0, buf)
         p, buf = sgd_rule_tl(p, g, buf, lr, momentum, tl.where(first != 0, 0.0, dampening),
                              weight_decay, NESTEROV, MAXIMIZE)
-        store_as(buf_ptr, offs, buf, mask, MASKED)
+        tl.store(buf_ptr + offs, buf.to(buf_ptr.dtype.element_ty), mask=mask)
     else:
         p, _ = sgd_rule_tl(p, g, 0.0, lr, 0.0, 0.0, weight_decay, False, MAXIMIZE)
-    store_as(p_ptr, offs, p, mask, MASKED)
+    tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["n_blocks", "n_partials", "write_norm"])
@@ -58,10 +60,12 @@ def _sgd_kernel(
     if LR_FROM_PTR:
         lr = tl.load(lr_ptr).to(tl.float32)
     for b in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
-        row, start, n = block_of(table_ptr, block_tensor_ptr, block_index_ptr, b, ROW, NUMEL, BLOCK)
-        p_ptr = column_ptr(row, P, DTYPE)
-        g_ptr = column_ptr(row, G, DTYPE)
-        buf_ptr = column_ptr(row, BUF, DTYPE)
+        row = table_ptr + tl.load(block_tensor_ptr + b).to(tl.int64) * ROW
+        start = tl.load(block_index_ptr + b).to(tl.int64) * BLOCK
+        n = tl.load(row + NUMEL)
+        p_ptr = tl.multiple_of(tl.load(row + P).to(tl.pointer_type(DTYPE)), 16)
+        g_ptr = tl.multiple_of(tl.load(row + G).to(tl.pointer_type(DTYPE)), 16)
+        buf_ptr = tl.multiple_of(tl.load(row + BUF).to(tl.pointer_type(DTYPE)), 16)
         first = tl.load(row + FIRST)
         offs = start + tl.arange(0, BLOCK)
         if start + BLOCK <= n:

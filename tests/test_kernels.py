@@ -1,0 +1,320 @@
+"""The Triton kernels against fusedopt's torch path (itself proven against torch.optim).
+
+On a GPU they run on CUDA; without one, under TRITON_INTERPRET=1 on CPU tensors (conftest.py),
+at sizes the interpreter gets through in CI time. Every run: fresh grads each step (new storage,
+as after zero_grad(set_to_none=True)), 7 steps, two param groups, one param missing its grad on
+steps 2 and 4 and one never having a grad.
+"""
+import math
+
+import pytest
+import torch
+
+import fusedopt
+from conftest import DEVICE, assert_close, low_precision_bound
+
+T = torch.tensor
+CLASSES = {"SGD": fusedopt.SGD, "Adam": fusedopt.Adam, "AdamW": fusedopt.AdamW}
+SMALL = [(), (1,), (127,), (4097,), (3, 5, 2), (9,)]
+ODD = [(), (1,), (127,), (4097,), (65537,)]
+STEPS = 7
+
+CLIPS = {
+    "noclip": {},
+    "l2-active": dict(max_grad_norm=0.5),
+    "l2-inactive": dict(max_grad_norm=1e4),
+    "inf-active": dict(max_grad_norm=0.3, norm_type=math.inf),
+    "value": dict(max_grad_value=0.2),
+    "value+l2": dict(max_grad_value=0.2, max_grad_norm=0.5),
+}
+CONFIGS = {
+    ("SGD", "plain"): dict(lr=0.1),
+    ("SGD", "momentum"): dict(lr=0.1, momentum=0.9),
+    ("SGD", "ema"): dict(lr=0.1, momentum=0.9, dampening=0.9),
+    ("SGD", "nesterov-wd-max"): dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.05,
+                                     maximize=True),
+    ("SGD", "tensor-lr"): dict(lr=T(0.1), momentum=0.5, dampening=0.3),
+    ("Adam", "default"): dict(lr=0.01),
+    ("Adam", "amsgrad-wd-max"): dict(lr=0.01, amsgrad=True, weight_decay=0.1, maximize=True),
+    ("Adam", "tensor-lr-decoupled"): dict(lr=T(0.01), weight_decay=0.1, decoupled_weight_decay=True,
+                                          betas=(0.8, 0.99), eps=1e-6),
+    ("AdamW", "default"): dict(lr=0.01),
+    ("AdamW", "amsgrad-max"): dict(lr=0.01, amsgrad=True, maximize=True, weight_decay=0.1),
+}
+GROUP1 = {"SGD": dict(lr=0.03, weight_decay=0.01), "Adam": dict(lr=0.003, weight_decay=0.02,
+                                                                 betas=(0.85, 0.98)),
+          "AdamW": dict(lr=0.003, weight_decay=0.02, betas=(0.85, 0.98))}
+
+
+def params_on(shapes, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g).to(DEVICE, dtype)) for s in shapes]
+
+
+def clone(params, dtype=None):
+    return [torch.nn.Parameter(p.detach().clone().to(dtype or p.dtype)) for p in params]
+
+
+def grads_for(params, step):
+    g = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(p.shape, generator=g).to(DEVICE) for p in params]
+
+
+def fresh(kwargs):
+    return {k: v.clone().to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+
+
+def make(name, params, kwargs, clip, backend, group1=None):
+    half = len(params) // 2
+    groups = [dict(params=params[:half]), dict(params=params[half:], **(group1 or GROUP1[name]))]
+    return CLASSES[name](groups, **fresh(kwargs), **clip, backend=backend)
+
+
+def set_grads(params_lists, step, dtype=None):
+    n = len(params_lists[0])
+    for i, g in enumerate(grads_for(params_lists[0], step)):
+        for params in params_lists:
+            skip = i == n - 1 or (i == 2 and step in (2, 4))
+            params[i].grad = None if skip else g.to(dtype or params[i].dtype).clone()
+
+
+def run_triton_vs_torch(name, kwargs, clip, shapes, dtype=torch.float32, steps=STEPS, group1=None):
+    ref_p = params_on(shapes, dtype)
+    tri_p = clone(ref_p)
+    ref = make(name, ref_p, kwargs, clip, "torch", group1)
+    tri = make(name, tri_p, kwargs, clip, "triton", group1)
+    for step in range(steps):
+        set_grads([ref_p, tri_p], step)
+        grads = [None if p.grad is None else p.grad.clone() for p in tri_p]
+        tri.step()
+        ref.step()
+        for r, t, g in zip(ref_p, tri_p, grads):
+            assert_close(t, r)
+            if g is not None:
+                assert torch.equal(t.grad, g), "the Triton path must not write .grad"
+        if "max_grad_norm" in clip:
+            assert tri.grad_norm.shape == () and tri.grad_norm.device == tri_p[0].device
+            assert_close(tri.grad_norm, ref.grad_norm)
+        else:
+            assert tri.grad_norm is None
+    for (i, rs), ts in zip(ref.state_dict()["state"].items(), tri.state_dict()["state"].values()):
+        assert rs.keys() == ts.keys(), i
+        for k in rs:
+            assert (ts[k].shape, ts[k].dtype, ts[k].device) == (rs[k].shape, rs[k].dtype, rs[k].device)
+            assert_close(ts[k], rs[k])
+    return tri
+
+
+@pytest.mark.parametrize("clip", list(CLIPS))
+@pytest.mark.parametrize("name,key", list(CONFIGS), ids=[f"{n}-{k}" for n, k in CONFIGS])
+def test_triton_matches_torch_path(name, key, clip):
+    run_triton_vs_torch(name, CONFIGS[(name, key)], CLIPS[clip], SMALL)
+
+
+@pytest.mark.parametrize("name", list(CLASSES))
+def test_odd_sizes(name):
+    """0-dim, 1, 127, 4097 and 65537 elements: tails of every length, one full-block run."""
+    kwargs = dict(lr=0.1, momentum=0.9) if name == "SGD" else dict(lr=0.01)
+    run_triton_vs_torch(name, kwargs, dict(max_grad_norm=1.0), ODD, steps=3)
+
+
+@pytest.mark.parametrize("name,clip", [("SGD", "l2-active"), ("Adam", "inf-active"),
+                                       ("AdamW", "value+l2")])
+def test_300_tensor_model(name, clip):
+    """300 tensors of mixed sizes (0-dim to 1500 elements) in two param groups. 3 steps: the
+    interpreter takes ~15 ms per block of the Adam update, ~4 s per step here."""
+    g = torch.Generator().manual_seed(7)
+    shapes = [() if i % 37 == 0 else (int(torch.randint(1, 1500, (1,), generator=g)),)
+              for i in range(300)]
+    kwargs = dict(lr=0.1, momentum=0.9, nesterov=True) if name == "SGD" else dict(lr=0.01)
+    run_triton_vs_torch(name, kwargs, CLIPS[clip], shapes, steps=3)
+
+
+def copy_state(src, src_params, dst, dst_params, dtype):
+    for p, q in zip(src_params, dst_params):
+        dst.state[q] = {k: v.detach().clone().to(dtype) if k != "step" else v.detach().clone()
+                        for k, v in src.state[p].items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", list(CLASSES))
+def test_low_precision_error_bound(name, dtype):
+    """Each step, from the Triton run's current state: the kernel in ``dtype`` against the fp32
+    torch path, bounded by torch's own fused op in ``dtype`` (conftest.low_precision_bound), for
+    the params and every state tensor."""
+    kwargs = dict(lr=0.1, momentum=0.9) if name == "SGD" else dict(lr=0.01, weight_decay=0.1)
+    clip = dict(max_grad_norm=0.5, max_grad_value=2.0)
+    tri_p = params_on(SMALL, dtype)
+    tri = make(name, tri_p, kwargs, clip, "triton")
+    for step in range(STEPS):
+        ref_p, low_p = clone(tri_p, torch.float32), clone(tri_p)
+        ref, low = make(name, ref_p, kwargs, clip, "torch"), make(name, low_p, kwargs, clip, "torch")
+        copy_state(tri, tri_p, ref, ref_p, torch.float32)
+        copy_state(tri, tri_p, low, low_p, dtype)
+        set_grads([tri_p, low_p], step, dtype)
+        for p, q in zip(ref_p, tri_p):
+            p.grad = None if q.grad is None else q.grad.float()
+        for opt in (tri, ref, low):
+            opt.step()
+        pairs = list(zip(tri_p, ref_p, low_p)) + [
+            (tri.state[t][k], ref.state[r][k], low.state[q][k])
+            for t, r, q in zip(tri_p, ref_p, low_p) for k in tri.state[t] if k != "step"]
+        for t, r, q in pairs:
+            assert t.dtype == dtype
+            err_triton = float((t.detach().float() - r.detach()).abs().max()) if t.numel() else 0.0
+            err_torch = float((q.detach().float() - r.detach()).abs().max()) if t.numel() else 0.0
+            assert err_triton <= low_precision_bound(err_torch, r, dtype), (step, err_triton, err_torch)
+
+
+@pytest.mark.parametrize("name", list(CLASSES))
+def test_tensors_the_kernels_cannot_take_use_the_torch_path(name):
+    """fp64, non-contiguous and misaligned params step on the torch path, the rest in the kernels,
+    all clipped by one total norm; .grad of kernel tensors stays as it was."""
+    def special(params):
+        base = torch.randn(10, 7, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+        return params + [torch.nn.Parameter(base.clone().t()),                        # non-contiguous
+                         torch.nn.Parameter(base.view(-1).clone()[1:]),               # misaligned
+                         torch.nn.Parameter(base.double().clone())]                    # fp64
+    ref_p = special(params_on(SMALL[:4], torch.float32))
+    tri_p = clone(ref_p)
+    tri_p[-3] = torch.nn.Parameter(ref_p[-3].detach().clone().t().contiguous().t())
+    tri_p[-2] = torch.nn.Parameter(torch.cat([torch.zeros(1, device=DEVICE), ref_p[-2].detach()])[1:])
+    assert not tri_p[-3].is_contiguous() and tri_p[-2].data_ptr() % 16 != 0
+    kwargs = dict(lr=0.1, momentum=0.9) if name == "SGD" else dict(lr=0.01)
+    ref = CLASSES[name](ref_p, **kwargs, max_grad_norm=0.5, backend="torch")
+    tri = CLASSES[name](tri_p, **kwargs, max_grad_norm=0.5, backend="triton")
+    for step in range(4):
+        for r, t, g in zip(ref_p, tri_p, grads_for(ref_p, step)):
+            r.grad = g.to(r.dtype).reshape(r.shape)
+            t.grad = r.grad.clone()
+        kernel_grads = [p.grad.clone() for p in tri_p[:4]]
+        ref.step()
+        tri.step()
+        for r, t in zip(ref_p, tri_p):
+            assert_close(t, r, torch.float32)
+        assert_close(tri.grad_norm, ref.grad_norm.float())
+        for p, g in zip(tri_p[:4], kernel_grads):
+            assert torch.equal(p.grad, g)
+
+
+class LaunchCounter:
+    """Wraps a kernel: counts launches (``kernel[grid](...)``) and forwards them."""
+
+    def __init__(self, kernel, counts, name):
+        self.kernel, self.counts, self.name = kernel, counts, name
+
+    def __getitem__(self, grid):
+        self.counts[self.name] = self.counts.get(self.name, 0) + 1
+        return self.kernel[grid]
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    import fusedopt.kernels.adam as adam
+    import fusedopt.kernels.norm as norm
+    import fusedopt.kernels.sgd as sgd
+    counts = {}
+    for module, attr in ((norm, "_norm_kernel"), (sgd, "_sgd_kernel"), (adam, "_adam_kernel")):
+        monkeypatch.setattr(module, attr, LaunchCounter(getattr(module, attr), counts, attr))
+    return counts
+
+
+@pytest.mark.parametrize("n_tensors", [3, 300])
+@pytest.mark.parametrize("name,clip,expected", [
+    ("SGD", {}, {"_sgd_kernel": 1}),
+    ("SGD", dict(max_grad_norm=1.0), {"_norm_kernel": 1, "_sgd_kernel": 1}),
+    ("Adam", {}, {"_norm_kernel": 1, "_adam_kernel": 1}),  # the norm pass advances the steps
+    ("AdamW", dict(max_grad_norm=1.0, max_grad_value=0.1), {"_norm_kernel": 1, "_adam_kernel": 1}),
+])
+def test_launches_per_step_do_not_grow_with_tensor_count(launches, name, clip, expected, n_tensors):
+    params = params_on([(17,)] * n_tensors, torch.float32)
+    opt = CLASSES[name](params, lr=0.01, **clip, backend="triton")
+    for step in range(2):
+        launches.clear()
+        for p, g in zip(params, grads_for(params, step)):
+            p.grad = g
+        opt.step()
+        assert launches == expected
+
+
+def test_two_dtype_groups_take_two_launches_each_and_share_one_norm(launches):
+    fp32 = params_on([(33,)] * 5, torch.float32)
+    bf16 = params_on([(33,)] * 5, torch.bfloat16, seed=1)
+    ref_p = clone(fp32 + bf16)
+    opt = fusedopt.AdamW(fp32 + bf16, lr=0.01, max_grad_norm=0.5, backend="triton")
+    ref = fusedopt.AdamW(ref_p, lr=0.01, max_grad_norm=0.5, backend="torch")
+    for p, q, g in zip(fp32 + bf16, ref_p, grads_for(fp32 + bf16, 0)):
+        p.grad, q.grad = g.to(p.dtype), g.to(p.dtype)
+    opt.step()
+    ref.step()
+    assert launches == {"_norm_kernel": 2, "_adam_kernel": 2}
+    assert_close(opt.grad_norm, ref.grad_norm)
+
+
+def test_deterministic_run_to_run():
+    """Same inputs, same bits: the norm and every parameter (no atomics, fixed reduction order)."""
+    results = []
+    for _ in range(2):
+        params = params_on([(4097,), (300,), ()] * 5, torch.float32)
+        opt = fusedopt.AdamW(params, lr=0.01, max_grad_norm=0.5, backend="triton")
+        for step in range(2):
+            for p, g in zip(params, grads_for(params, step)):
+                p.grad = g
+            opt.step()
+        results.append((opt.grad_norm.clone(), [p.detach().clone() for p in params]))
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+
+
+def test_static_grads_with_zero_grad_set_to_none_false():
+    """Grads that keep their storage (zero_grad(set_to_none=False)) reuse the cached tables."""
+    ref_p = params_on(SMALL, torch.float32)
+    tri_p = clone(ref_p)
+    ref = fusedopt.SGD(ref_p, lr=0.1, momentum=0.9, max_grad_norm=1.0, backend="torch")
+    tri = fusedopt.SGD(tri_p, lr=0.1, momentum=0.9, max_grad_norm=1.0, backend="triton")
+    for p, q in zip(ref_p, tri_p):
+        p.grad, q.grad = torch.zeros_like(p), torch.zeros_like(q)
+    for step in range(4):
+        for opt in (ref, tri):
+            opt.zero_grad(set_to_none=False)
+        for p, q, g in zip(ref_p, tri_p, grads_for(ref_p, step)):
+            p.grad.copy_(g)
+            q.grad.copy_(g)
+        ref.step()
+        tri.step()
+        for r, t in zip(ref_p, tri_p):
+            assert_close(t, r)
+
+
+def test_hyperparameters_are_runtime_values_not_constexpr():
+    """Changing lr, betas, eps, weight decay or the clip bounds must never recompile: none of
+    them, and no size, is a tl.constexpr, and sizes are not specialized on."""
+    from fusedopt.kernels.adam import _adam_kernel
+    from fusedopt.kernels.norm import _norm_kernel
+    from fusedopt.kernels.sgd import _sgd_kernel
+    allowed = {"DTYPE", "NORM", "VALUE_CLIP", "HAS_MOMENTUM", "NESTEROV", "MAXIMIZE", "LR_FROM_PTR",
+               "BLOCK", "NUM_PARTIALS", "AMSGRAD", "DECOUPLED", "ROW", "HAS_STEP"}
+    for kernel in (_norm_kernel, _sgd_kernel, _adam_kernel):
+        fn = getattr(kernel, "fn", kernel)
+        names = fn.__code__.co_varnames[:fn.__code__.co_argcount]
+        constexprs = {n for n in names if fn.__annotations__.get(n) is not None
+                      and "constexpr" in str(fn.__annotations__[n])}
+        assert constexprs <= allowed, constexprs - allowed
+        runtime = set(names) - constexprs
+        assert {"n_blocks"} <= runtime
+        assert not {"lr", "beta1", "beta2", "eps", "weight_decay", "momentum", "max_norm",
+                    "max_value"} & constexprs
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU: host syncs exist only there")
+def test_step_makes_no_host_sync_on_cuda():
+    params = params_on(SMALL, torch.float32)
+    opt = fusedopt.AdamW(params, lr=torch.tensor(0.01, device="cuda"), max_grad_norm=0.5)
+    for step in range(3):
+        for p, g in zip(params, grads_for(params, step)):
+            p.grad = g
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
