@@ -12,9 +12,9 @@ from fusedopt.rules import adam_moments_rule, adam_param_rule
 adam_moments_rule_tl = jit_rule(adam_moments_rule)
 adam_param_rule_tl = jit_rule(adam_param_rule)
 
-# table columns
-P, G, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, STEP, NUMEL = range(7)
-ROW = 7
+# table columns (tl.constexpr: the only globals a compiled kernel may read)
+P, G, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, STEP, NUMEL = (tl.constexpr(i) for i in range(7))
+ROW = tl.constexpr(7)
 
 
 @triton.jit

@@ -10,9 +10,9 @@ from fusedopt.rules import sgd_rule
 
 sgd_rule_tl = jit_rule(sgd_rule)
 
-# table columns
-P, G, BUF, NUMEL, FIRST = range(5)
-ROW = 5
+# table columns (tl.constexpr: the only globals a compiled kernel may read)
+P, G, BUF, NUMEL, FIRST = (tl.constexpr(i) for i in range(5))
+ROW = tl.constexpr(5)
 
 
 @triton.jit
