@@ -61,14 +61,15 @@ def class_doc(summary: str, update_math: str, args: str, name: str, state_note: 
         norm_type (float): 2.0 (default) or ``float('inf')``.
         max_grad_value (float, optional): clamp every gradient element to ``[-v, v]`` first, as
             ``clip_grad_value_``.
-        backend (str, optional): ``"torch"``, ``"triton"`` or None (choose).
+        backend (str, optional): ``"torch"``, ``"triton"`` or None: Triton for parameters on one
+            CUDA device when triton imports, else torch (fusedopt/_dispatch.py).
 
     Differences from torch.optim.{name}:
         clipping happens inside ``step``, over every param with a grad in every group, and
         ``grad_norm`` holds the pre-clip total norm (a 0-dim tensor on the params' device, None
-        until a step with ``max_grad_norm`` set).{state_note} After ``step`` on the torch backend
-        ``.grad`` holds the clipped gradient, exactly what ``clip_grad_value_``/``clip_grad_norm_``
-        leave.
+        until a step with ``max_grad_norm`` set).{state_note} The Triton backend never writes
+        ``.grad``: after ``step`` it holds the unclipped gradient. The torch backend leaves the
+        clipped gradient there, as ``clip_grad_value_``/``clip_grad_norm_`` do.
     """
 
 
