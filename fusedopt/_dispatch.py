@@ -24,7 +24,7 @@ def check_backend(backend) -> str | None:
 @functools.lru_cache(maxsize=None)
 def _triton_import_error() -> str | None:
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401  (only whether it imports)
     except ImportError as e:  # not installed, or broken
         return f"triton cannot be imported ({e}); install it with `pip install triton`"
     return None

@@ -20,41 +20,62 @@ def tensors_fit_kernel(tensors: list[torch.Tensor], dtypes) -> bool:
         and t.data_ptr() % 16 == 0 for t in tensors)
 
 
+def _to_device(values, device: torch.device) -> torch.Tensor:
+    """One host-to-device copy of int64 values; from pinned memory on CUDA, so the host does not
+    wait (torch's caching host allocator keeps the buffer until the copy is done)."""
+    pin = device.type == "cuda"
+    host = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.int64)
+    if pin:
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
+class DeviceInts:
+    """A host list of ints mirrored on the device: copied again only when the list changes."""
+
+    def __init__(self, device: torch.device):
+        self.device, self._key, self.tensor = device, None, None
+
+    def refresh(self, values: list) -> None:
+        if values is not self._key and values != self._key:
+            self._key, self.tensor = values, _to_device(values, self.device)
+
+
 class LaunchTable:
-    """The device tables of one launch; ``refresh`` each step, read by the kernel launchers."""
+    """The device tables of one launch, refreshed each step, read by the kernel launchers.
+
+    ``rows``: int64 [n, row_width], what changes rarely (param and state addresses, numel,
+    flags). ``grads``: int64 [n], the grad addresses, which change every step after
+    zero_grad(set_to_none=True): a slice of one DeviceInts per dtype, shared by the norm pass and
+    the updates. ``block_tensor`` / ``block_index``: int32 [n_blocks], the tensor of each block of
+    ``block_size`` elements and its index inside it, rebuilt only when sizes change.
+    """
 
     def __init__(self, device: torch.device, dtype: torch.dtype, block_size: int):
         self.device, self.dtype, self.block_size = device, dtype, block_size
-        self._rows_key = None
+        self._rows = DeviceInts(device)
         self._sizes_key = None
-        self.rows = self.block_tensor = self.block_index = None
+        self.grads = self.block_tensor = self.block_index = None
         self.row_width = 0
         self.n_blocks = 0
 
-    def refresh(self, rows: list[list[int]], numels: list[int]) -> None:
-        """``rows[i]``: the ints of tensor i (addresses, numel, flags); ``numels[i]`` its size."""
-        if rows != self._rows_key:
-            self._rows_key = rows
-            self.row_width = len(rows[0])
-            self.rows = self._to_device(torch.tensor(rows, dtype=torch.int64, pin_memory=self._pin))
-        if numels != self._sizes_key:
+    @property
+    def rows(self) -> torch.Tensor:
+        return self._rows.tensor
+
+    def refresh(self, rows: list[list[int]], numels: list[int], grads: torch.Tensor) -> None:
+        self._rows.refresh(rows)
+        self.row_width = len(rows[0])
+        self.grads = grads
+        if numels is not self._sizes_key and numels != self._sizes_key:
             self._sizes_key = numels
             counts = (torch.tensor(numels, dtype=torch.int64) + self.block_size - 1) // self.block_size
             tensor_of_block = torch.repeat_interleave(torch.arange(len(numels)), counts)
             first_block = torch.cumsum(counts, 0) - counts
             index_in_tensor = torch.arange(len(tensor_of_block)) - first_block[tensor_of_block]
             self.n_blocks = len(tensor_of_block)
-            self.block_tensor = self._to_device(tensor_of_block.to(torch.int32))
-            self.block_index = self._to_device(index_in_tensor.to(torch.int32))
-
-    @property
-    def _pin(self) -> bool:
-        return self.device.type == "cuda"
-
-    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
-        if self._pin and not host.is_pinned():
-            host = host.pin_memory()
-        return host.to(self.device, non_blocking=True)
+            self.block_tensor = _to_device(tensor_of_block.to(torch.int32), self.device)
+            self.block_index = _to_device(index_in_tensor.to(torch.int32), self.device)
 
 
 def norm_grid(device: torch.device, n_blocks: int, num_partials: int) -> int:

@@ -12,8 +12,8 @@ import math
 import torch
 
 from fusedopt import clip as _clip
-from fusedopt._grouping import group_by_device_dtype, pick
-from fusedopt._multi_tensor import LaunchTable, norm_grid, tensors_fit_kernel, update_grid
+from fusedopt._multi_tensor import (DeviceInts, LaunchTable, norm_grid, tensors_fit_kernel,
+                                     update_grid)
 
 
 class KernelClip:
@@ -31,59 +31,111 @@ class KernelClip:
         self.write_norm = True  # the first update launch stores the total norm
 
 
+class GroupPlan:
+    """What one param group's launches keep between steps: which params the kernels take, grouped
+    by dtype, with their static table rows (param and state addresses, numel, flags).
+
+    Rebuilt when ``key`` changes: the params with a grad (identity and storage address), the
+    optimizer's state (its dict, its size, ``_state_version``: load_state_dict and new state bump
+    it) and the row flags (momentum on/off, amsgrad). In between, a step reads only each grad's
+    address and layout. A state tensor replaced by hand, in place of load_state_dict, is not
+    seen: the kernels would go on updating the old one.
+    """
+
+    def __init__(self, opt, group, params, key):
+        from fusedopt.kernels._common import KERNEL_DTYPES
+        self.key = key
+        self.fallback = []
+        self.by_dtype = {}  # dtype -> (params, update rows, norm rows, numels)
+        for p in params:
+            if tensors_fit_kernel([p, p.grad], KERNEL_DTYPES):  # may create p's state
+                tensors, scalars, ints = opt._kernel_row(group, p)
+                if tensors_fit_kernel(tensors, KERNEL_DTYPES):
+                    ps, rows, norm_rows, numels = self.by_dtype.setdefault(p.dtype, ([], [], [], []))
+                    ps.append(p)
+                    numels.append(p.numel())
+                    rows.append([t.data_ptr() for t in tensors + scalars] + [p.numel()] + ints)
+                    norm_rows.append([p.numel()] + [t.data_ptr() for t in scalars])
+                    continue
+            self.fallback.append(p)
+
+    def grad_ptrs(self) -> dict | None:
+        """dtype -> this step's grad addresses; None when a grad no longer fits the kernels (not
+        contiguous or not 16-byte aligned; torch already makes a grad's dtype its param's)."""
+        out = {}
+        for dtype, (ps, *_) in self.by_dtype.items():
+            grads = [p.grad for p in ps]
+            ptrs = [g.data_ptr() for g in grads]
+            if any(x & 15 for x in ptrs) or not all(map(torch.Tensor.is_contiguous, grads)):
+                return None
+            out[dtype] = ptrs
+        return out
+
+
+def plan_key(opt, group, params):
+    return (tuple(map(id, params)), tuple(p.data_ptr() for p in params), id(opt.state),
+            len(opt.state), opt.__dict__.get("_state_version", 0), opt._row_flags(group))
+
+
 def step_triton(opt, gathered) -> None:
-    from fusedopt.kernels._common import BLOCK_SIZE, KERNEL_DTYPES, NUM_PARTIALS
+    from fusedopt.kernels._common import BLOCK_SIZE, NUM_PARTIALS
     from fusedopt.kernels.norm import norm_pass_
 
     tables = opt.__dict__.setdefault("_launch_tables", {})
-    # 1. which tensors the kernels take, with their table rows (state is created here, once)
-    kernel, fallback = [], []  # per param group: [(param, row)] and [param]
-    for group, params in zip(opt.param_groups, gathered):
-        mine, theirs = [], []
-        for p in params:
-            if tensors_fit_kernel([p, p.grad], KERNEL_DTYPES):
-                tensors, scalars, ints = opt._kernel_row(group, p)
-                if tensors_fit_kernel(tensors, KERNEL_DTYPES):
-                    mine.append((p, [t.data_ptr() for t in tensors + scalars] + [p.numel()] + ints))
-                    continue
-            theirs.append(p)
-        kernel.append(mine)
-        fallback.append(theirs)
-    kernel_params = [p for rows in kernel for p, _ in rows]
+    plans = opt.__dict__.setdefault("_group_plans", {})
+    # 1. which tensors the kernels take (cached per param group), and this step's grad addresses
+    group_plans, grad_ptrs = [], []
+    for gi, (group, params) in enumerate(zip(opt.param_groups, gathered)):
+        key = plan_key(opt, group, params)
+        plan = plans.get(gi)
+        ptrs = None if plan is None or plan.key != key else plan.grad_ptrs()
+        if ptrs is None:
+            plan = plans[gi] = GroupPlan(opt, group, params, key)
+            ptrs = plan.grad_ptrs()
+        group_plans.append(plan)
+        grad_ptrs.append(ptrs)
+    fallback = [plan.fallback for plan in group_plans]
     fallback_params = [p for ps in fallback for p in ps]
-    if not kernel_params:
+    dtypes = list(dict.fromkeys(dt for plan in group_plans for dt in plan.by_dtype))
+    if not dtypes:
         return opt._step_torch(gathered)
-    device = kernel_params[0].device
-    dtypes = [dtype for _, dtype in group_by_device_dtype(kernel_params)]
+    device = next(entry[0][0].device for plan in group_plans for entry in plan.by_dtype.values())
     clipping = opt.max_grad_norm is not None
     clip = KernelClip(device, len(dtypes) + (1 if fallback_params else 0), opt.norm_type,
                       opt.max_grad_norm, opt.max_grad_value, NUM_PARTIALS)
 
-    # 2. the norm pass, one launch per dtype group over all param groups; it also advances
-    #    Adam's step counters (row column n_tensor_columns is the step's address)
-    if clipping or opt._HAS_STEP:
-        step_col = opt._N_TENSOR_COLUMNS
-        for slot, dtype in enumerate(dtypes):
-            entries = [(p, row) for rows in kernel for p, row in rows if p.dtype == dtype]
-            norm_rows = [[p.grad.data_ptr(), p.numel()] + ([row[step_col]] if opt._HAS_STEP else [])
-                         for p, row in entries]
-            table = _table(tables, ("norm", dtype), device, dtype, BLOCK_SIZE, norm_rows,
-                           [p for p, _ in entries])
+    # 2. per dtype: the grad addresses of all param groups in one device array (one copy per
+    #    step), the norm pass over them (it also advances Adam's step counters), then one update
+    #    launch per param group reading its slice of the same array
+    updates = []
+    for slot, dtype in enumerate(dtypes):
+        parts = [(gi, plan.by_dtype[dtype]) for gi, plan in enumerate(group_plans)
+                 if dtype in plan.by_dtype]
+        grads = _cached(tables, ("grads", dtype), DeviceInts, device)
+        grads.refresh(grad_ptrs[parts[0][0]][dtype] if len(parts) == 1
+                      else [x for gi, _ in parts for x in grad_ptrs[gi][dtype]])
+        offset = 0
+        for gi, (ps, rows, _, numels) in parts:
+            table = _cached(tables, ("update", gi, dtype), LaunchTable, device, dtype, BLOCK_SIZE)
+            table.refresh(rows, numels, grads.tensor[offset:offset + len(ps)])
+            updates.append((opt.param_groups[gi], table))
+            offset += len(ps)
+        if clipping or opt._HAS_STEP:
+            table = _cached(tables, ("norm", dtype), LaunchTable, device, dtype, BLOCK_SIZE)
+            if len(parts) == 1:
+                table.refresh(parts[0][1][2], parts[0][1][3], grads.tensor)
+            else:
+                table.refresh([row for _, entry in parts for row in entry[2]],
+                              [n for _, entry in parts for n in entry[3]], grads.tensor)
             norm_pass_(table, clip.partials[slot * NUM_PARTIALS:(slot + 1) * NUM_PARTIALS], dtype,
                        clip.norm, opt.max_grad_value, opt._HAS_STEP,
                        norm_grid(device, table.n_blocks, NUM_PARTIALS))
     if fallback_params and clipping:
         _fallback_partial_(clip, fallback_params, opt, len(dtypes) * NUM_PARTIALS, NUM_PARTIALS)
 
-    # 3. one update launch per (param group, dtype)
-    for gi, (group, rows) in enumerate(zip(opt.param_groups, kernel)):
-        for dtype in dtypes:
-            entries = [(p, row) for p, row in rows if p.dtype == dtype]
-            if not entries:
-                continue
-            table = _table(tables, ("update", gi, dtype), device, dtype, BLOCK_SIZE,
-                           [row for _, row in entries], [p for p, _ in entries])
-            opt._launch_update_(group, table, clip, update_grid(device, table.n_blocks))
+    # 3. the updates, once every norm pass (and the torch-path share) is in the partials
+    for group, table in updates:
+        opt._launch_update_(group, table, clip, update_grid(device, table.n_blocks))
     if clipping:
         opt.grad_norm = clip.norm_out[0]
 
@@ -95,13 +147,12 @@ def step_triton(opt, gathered) -> None:
         opt._step_torch_groups(fallback, scale)
 
 
-def _table(tables, key, device, dtype, block_size, rows, params) -> LaunchTable:
-    """The cached table for ``key``, refreshed with this step's rows (a copy only on change)."""
-    table = tables.get(key)
-    if table is None or table.device != device:
-        table = tables[key] = LaunchTable(device, dtype, block_size)
-    table.refresh(rows, [p.numel() for p in params])
-    return table
+def _cached(tables, key, cls, *args):
+    """The launch-table object cached under ``key``, made anew for another device."""
+    obj = tables.get(key)
+    if obj is None or obj.device != args[0]:
+        obj = tables[key] = cls(*args)
+    return obj
 
 
 def _fallback_partial_(clip, params, opt, offset, width) -> None:

@@ -1,22 +1,63 @@
 """Adam and AdamW: the classes and their torch path. Math: rules.adam_*_rule.
 Kernel twin: kernels/adam.py."""
+import math
+
 import torch
 
-from fusedopt.optimizer import ClippedStep, class_doc, host_float, kernel_lr, scalar_on
+from fusedopt._grouping import pick
+from fusedopt.optimizer import (ClippedStep, class_doc, compute_dtype, host_float, kernel_lr,
+                                scalar_on, split_for_fused_op)
+from fusedopt.rules import adam_moments_rule, adam_param_rule
 
 
 def adam_torch_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1, beta2,
                 weight_decay, eps, amsgrad, maximize, decoupled_weight_decay, grad_scale=None):
-    """One Adam/AdamW step over tensors of one (device, dtype), through torch's fused Adam ops.
+    """One Adam/AdamW step over tensors of one (device, dtype): torch's fused Adam op where it is
+    right (optimizer.split_for_fused_op), rules.adam_*_rule for the rest.
 
     ``steps`` are fp32 0-dim tensors on the params' device; they advance here. ``grad_scale``
-    divides every gradient in the same pass that updates the parameter.
+    divides every gradient in the same pass that updates the parameter (and is written back).
     """
-    torch._foreach_add_(steps, 1)
-    op = torch._fused_adamw_ if decoupled_weight_decay else torch._fused_adam_
-    op(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else [], steps,
-       lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad,
-       maximize=maximize, grad_scale=grad_scale, found_inf=None)
+    vmax = max_exp_avg_sqs if amsgrad else [None] * len(params)
+    fused, rest = split_for_fused_op(params, grads, exp_avgs, exp_avg_sqs, vmax)
+    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps,
+                 maximize=maximize, grad_scale=grad_scale)
+    for i in rest:
+        adam_rule_(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], vmax[i], steps[i],
+                   decoupled_weight_decay=decoupled_weight_decay, **hyper)
+    if fused:
+        torch._foreach_add_(pick(steps, fused), 1)
+        op = torch._fused_adamw_ if decoupled_weight_decay else torch._fused_adam_
+        op(pick(params, fused), pick(grads, fused), pick(exp_avgs, fused), pick(exp_avg_sqs, fused),
+           pick(vmax, fused) if amsgrad else [], pick(steps, fused), amsgrad=amsgrad,
+           found_inf=None, **hyper)
+
+
+def adam_rule_(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, step, *, lr, beta1, beta2, weight_decay,
+               eps, maximize, decoupled_weight_decay, grad_scale=None):
+    """One tensor through rules.adam_*_rule in fp32 (fp64 for fp64), any layout, with the fused
+    op's contract. Reads the step count on the host: one sync per call on a GPU (this path is
+    only for layouts the fused op gets wrong)."""
+    acc = compute_dtype(p.dtype)
+    g_acc = g.to(acc)
+    if grad_scale is not None:
+        g_acc = g_acc / grad_scale
+        g.copy_(g_acc)
+    step += 1
+    t = float(step)
+    x = p.to(acc)
+    m, v = adam_moments_rule(x, g_acc, exp_avg.to(acc), exp_avg_sq.to(acc), beta1, beta2,
+                             0.0 if decoupled_weight_decay else weight_decay, maximize)
+    if max_exp_avg_sq is not None:
+        v_hat = torch.maximum(max_exp_avg_sq.to(acc), v)
+        max_exp_avg_sq.copy_(v_hat)
+    else:
+        v_hat = v
+    root = v_hat.sqrt()
+    p.copy_(adam_param_rule(x, m, root, 1.0 - lr * weight_decay if decoupled_weight_decay else 1.0,
+                            lr / (1 - beta1 ** t), math.sqrt(1 - beta2 ** t), eps))
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
 
 
 class _AdamStep(ClippedStep):
@@ -24,6 +65,7 @@ class _AdamStep(ClippedStep):
 
     def _state_for(self, p, amsgrad):
         state = self.state[p]
+        before = len(state)
         if len(state) == 0:
             # torch's keys; step is fp32 on the param's device (torch's fused/capturable layout,
             # and on CPU also its default one), since the fused ops and kernels read it there.
@@ -33,20 +75,25 @@ class _AdamStep(ClippedStep):
         elif state["step"].device != p.device or state["step"].dtype != torch.float32:
             # a state_dict from torch.optim(foreach/for-loop) on CUDA keeps step on the CPU
             state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
+            self._state_changed()
         if amsgrad and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if len(state) != before:
+            self._state_changed()
         return state
 
-    # Triton backend: table row = p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, step | numel
+    # Triton backend: table row = p, exp_avg, exp_avg_sq, max_exp_avg_sq, step | numel
     _HAS_STEP = True
-    _N_TENSOR_COLUMNS = 5
+
+    def _row_flags(self, group):
+        return group["amsgrad"]
 
     def _kernel_row(self, group, p):
         """(element tensors, scalar tensors, ints) of p's row (kernels/adam.py)."""
         amsgrad = group["amsgrad"]
         s = self._state_for(p, amsgrad)
         vmax = s["max_exp_avg_sq"] if amsgrad else p  # never read without amsgrad
-        return [p, p.grad, s["exp_avg"], s["exp_avg_sq"], vmax], [s["step"]], []
+        return [p, s["exp_avg"], s["exp_avg_sq"], vmax], [s["step"]], []
 
     def _launch_update_(self, group, table, clip, grid):
         from fusedopt.kernels.adam import adam_triton_

@@ -1,35 +1,10 @@
 """SGD: the class and its torch path. Math: rules.sgd_rule. Kernel twin: kernels/sgd.py."""
 import torch
 
-from fusedopt.optimizer import ClippedStep, class_doc, host_float, kernel_lr, scalar_on
+from fusedopt._grouping import pick
+from fusedopt.optimizer import (ClippedStep, class_doc, compute_dtype, host_float, kernel_lr,
+                                scalar_on, split_for_fused_op)
 from fusedopt.rules import sgd_rule
-
-
-def sgd_torch_(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov,
-               maximize, grad_scale=None):
-    """One SGD step over tensors of one (device, dtype), through torch._fused_sgd_.
-
-    ``momentum_buffers[i]`` is None where a param has no buffer yet (its first step with momentum):
-    those params take torch's first-step rule (buf = g) in a call of their own, and their new
-    buffers are written into the list. ``grad_scale`` divides every gradient in the same pass.
-    """
-    if params[0].device.type == "cpu" and params[0].dtype in _CPU_FUSED_BROKEN:
-        return sgd_rules_(params, grads, momentum_buffers, lr=lr, momentum=momentum,
-                          dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-                          maximize=maximize, grad_scale=grad_scale)
-    common = dict(weight_decay=weight_decay, momentum=momentum, lr=lr, dampening=dampening,
-                  nesterov=nesterov, maximize=maximize, grad_scale=grad_scale, found_inf=None)
-    if momentum == 0:
-        torch._fused_sgd_(params, grads, [], is_first_step=False, **common)
-        return
-    new = [i for i, b in enumerate(momentum_buffers) if b is None]
-    old = [i for i, b in enumerate(momentum_buffers) if b is not None]
-    for i in new:
-        momentum_buffers[i] = torch.empty_like(grads[i])
-    for idx, first in ((old, False), (new, True)):
-        if idx:
-            torch._fused_sgd_([params[i] for i in idx], [grads[i] for i in idx],
-                              [momentum_buffers[i] for i in idx], is_first_step=first, **common)
 
 
 # torch 2.13's torch._fused_sgd_ on CPU is wrong for bf16 and fp16 tensors of 16 elements or more
@@ -38,25 +13,57 @@ def sgd_torch_(params, grads, momentum_buffers, *, lr, momentum, dampening, weig
 _CPU_FUSED_BROKEN = (torch.bfloat16, torch.float16)
 
 
-def sgd_rules_(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov,
+def sgd_torch_(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov,
                maximize, grad_scale=None):
-    """torch._fused_sgd_'s contract through rules.sgd_rule on fp32 copies, one tensor at a time:
-    the gradient is divided by ``grad_scale`` and written back; new buffers fill the list."""
-    for i, (p, g) in enumerate(zip(params, grads)):
-        g32 = g.float()
-        if grad_scale is not None:
-            g32 = g32 / grad_scale
-            g.copy_(g32)
-        first = momentum != 0 and momentum_buffers[i] is None
-        buf = torch.zeros_like(g32) if first or momentum == 0 else momentum_buffers[i].float()
-        new_p, new_buf = sgd_rule(p.float(), g32, buf, lr, momentum,
-                                  0.0 if first or momentum == 0 else dampening, weight_decay,
-                                  nesterov, maximize)
-        p.copy_(new_p)
-        if first:
-            momentum_buffers[i] = new_buf.to(p.dtype)
-        elif momentum != 0:
-            momentum_buffers[i].copy_(new_buf)
+    """One SGD step over tensors of one (device, dtype): torch._fused_sgd_ where it is right
+    (optimizer.split_for_fused_op), rules.sgd_rule for the rest.
+
+    ``momentum_buffers[i]`` is None where a param has no buffer yet (its first step with momentum):
+    those take torch's first-step rule (buf = g) and their new buffers are written into the list
+    (an empty list without momentum). ``grad_scale`` divides every gradient, which is written back.
+    """
+    bufs = momentum_buffers if momentum != 0 else [None] * len(params)
+    fused, rest = split_for_fused_op(params, grads, bufs, broken_dtypes=_CPU_FUSED_BROKEN)
+    hyper = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                 nesterov=nesterov, maximize=maximize, grad_scale=grad_scale)
+    for i in rest:
+        bufs[i] = sgd_rule_(params[i], grads[i], bufs[i], **hyper)
+    if momentum == 0:
+        if fused:
+            torch._fused_sgd_(pick(params, fused), pick(grads, fused), [], is_first_step=False,
+                              found_inf=None, **hyper)
+        return
+    new = [i for i in fused if bufs[i] is None]
+    old = [i for i in fused if bufs[i] is not None]
+    for i in new:
+        bufs[i] = torch.empty_like(grads[i])
+    for idx, first in ((old, False), (new, True)):
+        if idx:
+            torch._fused_sgd_(pick(params, idx), pick(grads, idx), pick(bufs, idx),
+                              is_first_step=first, found_inf=None, **hyper)
+
+
+def sgd_rule_(p, g, buf, *, lr, momentum, dampening, weight_decay, nesterov, maximize,
+              grad_scale=None):
+    """One tensor through rules.sgd_rule in fp32 (fp64 for fp64), any layout: the fused op's
+    contract (g divided by grad_scale and written back). Returns the buffer (new on a first step)."""
+    acc = compute_dtype(p.dtype)
+    g_acc = g.to(acc)
+    if grad_scale is not None:
+        g_acc = g_acc / grad_scale
+        g.copy_(g_acc)
+    first = momentum != 0 and buf is None
+    new_p, new_buf = sgd_rule(p.to(acc), g_acc,
+                              torch.zeros_like(g_acc) if first or momentum == 0 else buf.to(acc),
+                              lr, momentum, 0.0 if first or momentum == 0 else dampening,
+                              weight_decay, nesterov, maximize)
+    p.copy_(new_p)
+    if momentum == 0:
+        return None
+    if first:
+        return new_buf.to(p.dtype)
+    buf.copy_(new_buf)
+    return buf
 
 
 class SGD(ClippedStep, torch.optim.SGD):
@@ -82,19 +89,22 @@ class SGD(ClippedStep, torch.optim.SGD):
                          foreach=foreach, differentiable=differentiable, fused=fused)
         self._after_torch_init()
 
-    # Triton backend: table row = p, g, buf addresses | numel | first-step flag (kernels/sgd.py)
+    # Triton backend: table row = p, buf addresses | numel | first-step flag (kernels/sgd.py)
     _HAS_STEP = False
-    _N_TENSOR_COLUMNS = 3
+
+    def _row_flags(self, group):
+        return group["momentum"] != 0
 
     def _kernel_row(self, group, p):
         """(element tensors, scalar tensors, ints) of p's row; creates the buffer on its first step."""
         if group["momentum"] == 0:
-            return [p, p.grad, p], [], [0]  # the buffer column is never read
+            return [p, p], [], [0]  # the buffer column is never read
         state = self.state[p]
         first = "momentum_buffer" not in state
         if first:
             state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
-        return [p, p.grad, state["momentum_buffer"]], [], [int(first)]
+            self._state_changed()
+        return [p, state["momentum_buffer"]], [], [int(first)]
 
     def _launch_update_(self, group, table, clip, grid):
         from fusedopt.kernels.sgd import sgd_triton_

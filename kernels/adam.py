@@ -13,8 +13,8 @@ adam_moments_rule_tl = jit_rule(adam_moments_rule)
 adam_param_rule_tl = jit_rule(adam_param_rule)
 
 # table columns (tl.constexpr: the only globals a compiled kernel may read)
-P, G, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, STEP, NUMEL = (tl.constexpr(i) for i in range(7))
-ROW = tl.constexpr(7)
+P, EXP_AVG, EXP_AVG_SQ, MAX_EXP_AVG_SQ, STEP, NUMEL = (tl.constexpr(i) for i in range(6))
+ROW = tl.constexpr(6)
 
 
 @triton.jit
@@ -44,8 +44,9 @@ def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, n, coef, max_value, 
 
 @triton.jit(do_not_specialize=["n_blocks", "n_partials", "write_norm"])
 def _adam_kernel(
-    table_ptr,         # int64 [n_tensors, 7]: p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, step
+    table_ptr,         # int64 [n_tensors, 6]: p, exp_avg, exp_avg_sq, max_exp_avg_sq, step
                        #   addresses, numel
+    grad_ptrs_ptr,     # int64 [n_tensors]: grad addresses (they change every step: their own copy)
     block_tensor_ptr,  # int32 [n_blocks]: the tensor of each block
     block_index_ptr,   # int32 [n_blocks]: the block's index inside its tensor
     partials_ptr,      # fp32 [n_partials]: every dtype group's norm partials (NORM != 0)
@@ -76,14 +77,15 @@ def _adam_kernel(
     log2_beta1 = tl.log2(beta1)
     log2_beta2 = tl.log2(beta2)
     for b in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
-        row = table_ptr + tl.load(block_tensor_ptr + b).to(tl.int64) * ROW
+        t = tl.load(block_tensor_ptr + b).to(tl.int64)
+        row = table_ptr + t * ROW
         start = tl.load(block_index_ptr + b).to(tl.int64) * BLOCK
         n = tl.load(row + NUMEL)
         step = tl.load(tl.load(row + STEP).to(tl.pointer_type(tl.float32)))
         step_size = lr / (1.0 - tl.exp2(step * log2_beta1))                 # lr / (1 - beta1 ** step)
         bias_correction2_sqrt = tl.sqrt(1.0 - tl.exp2(step * log2_beta2))  # sqrt(1 - beta2 ** step)
         p_ptr = tl.multiple_of(tl.load(row + P).to(tl.pointer_type(DTYPE)), 16)
-        g_ptr = tl.multiple_of(tl.load(row + G).to(tl.pointer_type(DTYPE)), 16)
+        g_ptr = tl.multiple_of(tl.load(grad_ptrs_ptr + t).to(tl.pointer_type(DTYPE)), 16)
         m_ptr = tl.multiple_of(tl.load(row + EXP_AVG).to(tl.pointer_type(DTYPE)), 16)
         v_ptr = tl.multiple_of(tl.load(row + EXP_AVG_SQ).to(tl.pointer_type(DTYPE)), 16)
         vmax_ptr = tl.multiple_of(tl.load(row + MAX_EXP_AVG_SQ).to(tl.pointer_type(DTYPE)), 16)
@@ -100,11 +102,11 @@ def _adam_kernel(
 
 def adam_triton_(table, clip, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
                  decoupled_weight_decay, grid):
-    """Launch the Adam/AdamW update over ``table`` (columns p, g, exp_avg, exp_avg_sq,
-    max_exp_avg_sq (p's address when not amsgrad), step, numel); see sgd_triton_ for ``clip``."""
+    """Launch the Adam/AdamW update over ``table`` (columns p, exp_avg, exp_avg_sq, max_exp_avg_sq
+    (p's address when not amsgrad), step, numel; grads apart); see sgd_triton_ for ``clip``."""
     lr_is_tensor = not isinstance(lr, float)
     _adam_kernel[(grid,)](
-        table.rows, table.block_tensor, table.block_index, clip.partials, clip.norm_out,
+        table.rows, table.grads, table.block_tensor, table.block_index, clip.partials, clip.norm_out,
         lr if lr_is_tensor else clip.norm_out, table.n_blocks, clip.partials.numel(),
         int(clip.write_norm), 0.0 if lr_is_tensor else lr, float(beta1), float(beta2), float(eps),
         float(weight_decay), clip.max_norm, clip.max_value,

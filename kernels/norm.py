@@ -14,7 +14,8 @@ from fusedopt.kernels._common import (BLOCK_SIZE, NUM_PARTIALS, NUM_WARPS, clamp
 
 @triton.jit(do_not_specialize=["n_blocks"])
 def _norm_kernel(
-    table_ptr,         # int64 [n_tensors, ROW]: grad address, numel, [step address]
+    table_ptr,         # int64 [n_tensors, ROW]: numel, [step address]
+    grad_ptrs_ptr,     # int64 [n_tensors]: grad addresses
     block_tensor_ptr,  # int32 [n_blocks]: the tensor of each block
     block_index_ptr,   # int32 [n_blocks]: the block's index inside its tensor
     partials_ptr,      # fp32 [NUM_PARTIALS]: this dtype group's slots of the partials buffer
@@ -24,7 +25,7 @@ def _norm_kernel(
     ROW: tl.constexpr,         # table columns
     NORM: tl.constexpr,        # NORM_NONE / NORM_L2 / NORM_INF
     VALUE_CLIP: tl.constexpr,  # clamp before measuring
-    HAS_STEP: tl.constexpr,    # column 2 holds an fp32 step counter to advance (Adam)
+    HAS_STEP: tl.constexpr,    # column 1 holds an fp32 step counter to advance (Adam)
     BLOCK: tl.constexpr,
     NUM_PARTIALS: tl.constexpr,
 ):
@@ -32,15 +33,16 @@ def _norm_kernel(
     grid = tl.num_programs(0)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for b in range(pid, n_blocks, grid):
-        row = table_ptr + tl.load(block_tensor_ptr + b).to(tl.int64) * ROW
+        t = tl.load(block_tensor_ptr + b).to(tl.int64)
+        row = table_ptr + t * ROW
         start = tl.load(block_index_ptr + b).to(tl.int64) * BLOCK
         if HAS_STEP:
             if start == 0:  # one program per tensor advances its counter, before any update reads it
-                step_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
+                step_ptr = tl.load(row + 1).to(tl.pointer_type(tl.float32))
                 tl.store(step_ptr, tl.load(step_ptr) + 1.0)
         if NORM != 0:
-            n = tl.load(row + 1)
-            g_ptr = tl.multiple_of(tl.load(row).to(tl.pointer_type(DTYPE)), 16)
+            n = tl.load(row)
+            g_ptr = tl.multiple_of(tl.load(grad_ptrs_ptr + t).to(tl.pointer_type(DTYPE)), 16)
             offs = start + tl.arange(0, BLOCK)
             if start + BLOCK <= n:  # full block: unmasked, 128-bit loads
                 g = tl.load(g_ptr + offs).to(tl.float32)
@@ -64,10 +66,10 @@ def _norm_kernel(
 
 def norm_pass_(table, partials, dtype, norm, max_value, has_step, grid):
     """Launch the norm pass over ``table`` (a fusedopt._multi_tensor.LaunchTable with columns
-    grad[, step]) into ``partials`` (NUM_PARTIALS fp32 slots) with ``grid`` <= NUM_PARTIALS
+    numel[, step] and the grads) into ``partials`` (NUM_PARTIALS fp32 slots) with ``grid`` <= NUM_PARTIALS
     programs; the grid fixes which blocks each partial sums, so it fixes the result's bits."""
     _norm_kernel[(grid,)](
-        table.rows, table.block_tensor, table.block_index, partials, table.n_blocks,
+        table.rows, table.grads, table.block_tensor, table.block_index, partials, table.n_blocks,
         0.0 if max_value is None else max_value,
         DTYPE=triton_dtype(dtype), ROW=table.row_width, NORM=norm, VALUE_CLIP=max_value is not None,
         HAS_STEP=has_step, BLOCK=BLOCK_SIZE, NUM_PARTIALS=NUM_PARTIALS, num_warps=NUM_WARPS)

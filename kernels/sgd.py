@@ -11,8 +11,8 @@ from fusedopt.rules import sgd_rule
 sgd_rule_tl = jit_rule(sgd_rule)
 
 # table columns (tl.constexpr: the only globals a compiled kernel may read)
-P, G, BUF, NUMEL, FIRST = (tl.constexpr(i) for i in range(5))
-ROW = tl.constexpr(5)
+P, BUF, NUMEL, FIRST = (tl.constexpr(i) for i in range(4))
+ROW = tl.constexpr(4)
 
 
 @triton.jit
@@ -38,7 +38,8 @@ def _sgd_block(p_ptr, g_ptr, buf_ptr, offs, n, coef, first, lr, momentum, dampen
 
 @triton.jit(do_not_specialize=["n_blocks", "n_partials", "write_norm"])
 def _sgd_kernel(
-    table_ptr,         # int64 [n_tensors, 5]: param, grad, buffer addresses, numel, first-step flag
+    table_ptr,         # int64 [n_tensors, 4]: param and buffer addresses, numel, first-step flag
+    grad_ptrs_ptr,     # int64 [n_tensors]: grad addresses (they change every step: their own copy)
     block_tensor_ptr,  # int32 [n_blocks]: the tensor of each block
     block_index_ptr,   # int32 [n_blocks]: the block's index inside its tensor
     partials_ptr,      # fp32 [n_partials]: every dtype group's norm partials (NORM != 0)
@@ -60,11 +61,12 @@ def _sgd_kernel(
     if LR_FROM_PTR:
         lr = tl.load(lr_ptr).to(tl.float32)
     for b in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
-        row = table_ptr + tl.load(block_tensor_ptr + b).to(tl.int64) * ROW
+        t = tl.load(block_tensor_ptr + b).to(tl.int64)
+        row = table_ptr + t * ROW
         start = tl.load(block_index_ptr + b).to(tl.int64) * BLOCK
         n = tl.load(row + NUMEL)
         p_ptr = tl.multiple_of(tl.load(row + P).to(tl.pointer_type(DTYPE)), 16)
-        g_ptr = tl.multiple_of(tl.load(row + G).to(tl.pointer_type(DTYPE)), 16)
+        g_ptr = tl.multiple_of(tl.load(grad_ptrs_ptr + t).to(tl.pointer_type(DTYPE)), 16)
         buf_ptr = tl.multiple_of(tl.load(row + BUF).to(tl.pointer_type(DTYPE)), 16)
         first = tl.load(row + FIRST)
         offs = start + tl.arange(0, BLOCK)
@@ -77,14 +79,14 @@ def _sgd_kernel(
 
 
 def sgd_triton_(table, clip, *, lr, momentum, dampening, weight_decay, nesterov, maximize, grid):
-    """Launch the SGD update over ``table`` (columns p, g, buf, numel, first-step flag).
+    """Launch the SGD update over ``table`` (columns p, buf, numel, first-step flag; grads apart).
 
     ``clip`` carries the partials buffer, the norm output, the norm kind and the clip bounds;
     ``lr`` is a float or a 1-element fp32 tensor on the device.
     """
     lr_is_tensor = not isinstance(lr, float)
     _sgd_kernel[(grid,)](
-        table.rows, table.block_tensor, table.block_index, clip.partials, clip.norm_out,
+        table.rows, table.grads, table.block_tensor, table.block_index, clip.partials, clip.norm_out,
         lr if lr_is_tensor else clip.norm_out, table.n_blocks, clip.partials.numel(),
         int(clip.write_norm), 0.0 if lr_is_tensor else lr, float(momentum), float(dampening),
         float(weight_decay), clip.max_norm, clip.max_value,

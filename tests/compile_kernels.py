@@ -23,7 +23,8 @@ from fusedopt.kernels.adam import _adam_kernel
 from fusedopt.kernels.norm import _norm_kernel
 from fusedopt.kernels.sgd import _sgd_kernel
 
-TABLES = {"table_ptr": "*i64", "block_tensor_ptr": "*i32", "block_index_ptr": "*i32"}
+TABLES = {"table_ptr": "*i64", "grad_ptrs_ptr": "*i64", "block_tensor_ptr": "*i32",
+          "block_index_ptr": "*i32"}
 NORM_SIG = {**TABLES, "partials_ptr": "*fp32", "n_blocks": "i32", "max_value": "fp32"}
 UPDATE_SIG = {**TABLES, "partials_ptr": "*fp32", "norm_out_ptr": "*fp32", "lr_ptr": "*fp32",
               "n_blocks": "i32", "n_partials": "i32", "write_norm": "i32", "lr": "fp32"}
@@ -52,9 +53,9 @@ def norm(dtype, kind, value, has_step, row):
 
 
 VARIANTS = {
-    "norm-fp32-l2-value-step": norm(tl.float32, L2, True, True, 3),
-    "norm-bf16-inf": norm(tl.bfloat16, INF, False, False, 2),
-    "norm-fp32-steps-only": norm(tl.float32, _common.NORM_NONE, False, True, 3),
+    "norm-fp32-l2-value-step": norm(tl.float32, L2, True, True, 2),
+    "norm-bf16-inf": norm(tl.bfloat16, INF, False, False, 1),
+    "norm-fp32-steps-only": norm(tl.float32, _common.NORM_NONE, False, True, 2),
     "sgd-fp32-all-flags": sgd(tl.float32, L2, True, True, True, True, True),
     "sgd-fp32-plain": sgd(tl.float32, _common.NORM_NONE, False, False, False, False, False),
     "sgd-bf16-momentum-inf": sgd(tl.bfloat16, INF, False, True, False, False, False),

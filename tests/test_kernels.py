@@ -5,6 +5,7 @@ at sizes the interpreter gets through in CI time. Every run: fresh grads each st
 as after zero_grad(set_to_none=True)), 7 steps, two param groups, one param missing its grad on
 steps 2 and 4 and one never having a grad.
 """
+import copy
 import math
 
 import pytest
@@ -318,3 +319,43 @@ def test_step_makes_no_host_sync_on_cuda():
             opt.step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("name", list(CLASSES))
+def test_cached_tables_follow_every_change(name):
+    """The Triton path caches its tables per param group; each change below must reach them:
+    new param storage, a new param group, load_state_dict, a cleared state, a grad that is not
+    contiguous for one step (that param takes the torch path then)."""
+    kwargs = dict(lr=0.1, momentum=0.9) if name == "SGD" else dict(lr=0.01, amsgrad=True)
+    shapes = [(13, 7), (4097,), (), (33,)]
+    ref_p = params_on(shapes, torch.float32)
+    tri_p = clone(ref_p)
+    ref = CLASSES[name](ref_p, **kwargs, max_grad_norm=1.0, backend="torch")
+    tri = CLASSES[name](tri_p, **kwargs, max_grad_norm=1.0, backend="triton")
+    extra_ref = params_on([(65,), (5, 5)], torch.float32, seed=9)
+    extra_tri = clone(extra_ref)
+    for step in range(8):
+        if step == 2:
+            for p in ref_p + tri_p:
+                p.data = p.data.clone()
+        if step == 3:
+            ref.add_param_group(dict(params=extra_ref, lr=0.02))
+            tri.add_param_group(dict(params=extra_tri, lr=0.02))
+        if step == 4:
+            saved = ref.state_dict()  # its tensors are ref's own: each side loads a copy
+            ref.load_state_dict(copy.deepcopy(saved))
+            tri.load_state_dict(copy.deepcopy(saved))
+        if step == 5:
+            ref.state.clear()
+            tri.state.clear()
+        params_r = ref_p + (extra_ref if step >= 3 else [])
+        params_t = tri_p + (extra_tri if step >= 3 else [])
+        for r, t, g in zip(params_r, params_t, grads_for(params_r, step)):
+            r.grad = g.clone()
+            t.grad = g.t().contiguous().t() if step == 6 and g.dim() == 2 else g.clone()
+        assert step != 6 or not tri_p[0].grad.is_contiguous()
+        ref.step()
+        tri.step()
+        for r, t in zip(params_r, params_t):
+            assert_close(t, r)
+        assert_close(tri.grad_norm, ref.grad_norm)

@@ -166,3 +166,29 @@ def test_low_precision_torch_path(name, dtype):
     torch_best = min(err(runs["forloop"][0]), err(runs["fused"][0]))
     largest = torch.cat([r.detach().view(-1) for r in ref.ref_params])
     assert ours <= low_precision_bound(torch_best, largest, dtype), (ours, torch_best)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_layouts_torch_fused_ops_get_wrong(name, dtype):
+    """A grad laid out unlike its param, and a transposed param: torch's fused ops walk memory as
+    if contiguous (fusedopt/optimizer.split_for_fused_op), so these take the rules instead."""
+    kwargs = dict(lr=0.1, momentum=0.9, nesterov=True) if name == "SGD" else dict(lr=0.01, amsgrad=True)
+    base = torch.randn(7, 13, dtype=dtype, generator=torch.Generator().manual_seed(5))
+    ref_p = [torch.nn.Parameter(base.clone()), torch.nn.Parameter(base.clone().t()),
+             torch.nn.Parameter(base[0].clone())]
+    our_p = [torch.nn.Parameter(p.detach().clone()) if p.is_contiguous()
+             else torch.nn.Parameter(p.detach().t().clone().t()) for p in ref_p]
+    assert not our_p[1].is_contiguous()
+    ref = TORCH_CLASSES[name](ref_p, **kwargs, foreach=False)
+    ours = OUR_CLASSES[name](our_p, **kwargs, max_grad_norm=2.0)
+    for step in range(STEPS):
+        g = torch.Generator().manual_seed(step)
+        for r, o in zip(ref_p, our_p):
+            grad = torch.randn(r.shape, dtype=dtype, generator=g)
+            r.grad = grad.clone()
+            o.grad = grad.t().contiguous().t() if grad.dim() == 2 else grad.clone()
+        ref_step(ref, ref_p, max_grad_norm=2.0)
+        ours.step()
+        for r, o in zip(ref_p, our_p):
+            assert_close(o, r, dtype)
