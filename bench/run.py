@@ -33,7 +33,14 @@ OPTIMIZERS = {
     "adamw": (torch.optim.AdamW, fusedopt.AdamW, dict(lr=1e-3, weight_decay=0.01)),
 }
 TORCH_IMPLS = ("torch for-loop", "torch foreach", "torch fused")
-IMPLS = TORCH_IMPLS + ("fusedopt (torch)",)
+OUR_IMPLS = ("fusedopt (torch)", "fusedopt (triton)")
+
+
+def impls_for(device: torch.device) -> tuple[str, ...]:
+    """Every implementation that can run on ``device``: the Triton kernels only on CUDA."""
+    from fusedopt._dispatch import triton_unavailable_reason
+    triton_ok = device.type == "cuda" and triton_unavailable_reason({device}) is None
+    return TORCH_IMPLS + OUR_IMPLS[:2 if triton_ok else 1]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -45,36 +52,42 @@ def bytes_per_element(opt: str, impl: str, elt_size: int) -> int:
     A kernel reading one tensor twice (addcmul_(g, g)) counts it once.
 
     Clip. torch, every recipe: the norm reads g (1), then mul_ by the clip coefficient reads and
-    writes g (2) = 3; clip_grad_norm_ always multiplies (no host branch). fusedopt: the norm reads
-    g (1); the multiply is folded into the update as ``grad_scale``, and torch's fused op then also
-    writes the clipped g back (checked on CPU: .grad changes only when grad_scale is passed).
+    writes g (2) = 3; clip_grad_norm_ always multiplies (no host branch). fusedopt, both backends:
+    the norm reads g (1). Torch backend: the multiply is folded into the update as ``grad_scale``,
+    and torch's fused op then also writes the clipped g back (checked on CPU: .grad changes only
+    when grad_scale is passed). Triton backend: the kernel scales g in registers, never writes it.
 
     Update, steady state (momentum buffers / moments exist):
       SGD momentum   fused      p, g, buf -> p, buf                                       5
                      foreach,   buf.mul_ 2, buf.add_(g) 3, p.add_(buf) 3                  8
                      for-loop
-                     fusedopt   p, g, buf -> p, buf, g                                    6
+                     fo. torch  p, g, buf -> p, buf, g                                    6
+                     fo. triton p, g, buf -> p, buf                                       5
       Adam / AdamW   fused      p, g, m, v -> p, m, v                                     7
                      foreach,   AdamW only: p.mul_(1 - lr wd) 2; m.lerp_(g) 3,
                      for-loop   v.mul_ 2, v.addcmul_(g, g) 3, d = sqrt(v) 2, d.div_ 2,
                                 d.add_(eps) 2, p.addcdiv_(m, d) 4                  18 / AdamW 20
-                     fusedopt   p, g, m, v -> p, m, v, g                                  8
-    Totals (clip + update): SGD 11 / 8 / 7, Adam 21 / 10 / 9, AdamW 23 / 10 / 9 for
-    foreach-or-for-loop / fused / fusedopt: fp32 AdamW is 92 / 40 / 36 bytes per element.
+                     fo. torch  p, g, m, v -> p, m, v, g                                  8
+                     fo. triton p, g, m, v -> p, m, v                                     7
+    Totals (clip + update): SGD 11 / 8 / 7 / 6, Adam 21 / 10 / 9 / 8, AdamW 23 / 10 / 9 / 8 for
+    foreach-or-for-loop / fused / fusedopt torch / fusedopt triton: fp32 AdamW is 92 / 40 / 36 /
+    32 bytes per element (DESIGN.md's budget: 40 -> 32).
     """
-    clip = 1 if impl == "fusedopt (torch)" else 3
+    clip = 1 if impl in OUR_IMPLS else 3
     if opt == "sgd":
-        update = {"torch fused": 5, "fusedopt (torch)": 6}.get(impl, 8)
+        update = {"torch fused": 5, "fusedopt (torch)": 6, "fusedopt (triton)": 5}.get(impl, 8)
     else:
-        update = {"torch fused": 7, "fusedopt (torch)": 8}.get(impl, 20 if opt == "adamw" else 18)
+        update = {"torch fused": 7, "fusedopt (torch)": 8, "fusedopt (triton)": 7}.get(
+            impl, 20 if opt == "adamw" else 18)
     return (clip + update) * elt_size
 
 
 def make_step(opt: str, impl: str, params: list[torch.Tensor]):
     """One step of ``impl``, clip included, over ``params`` (their .grad set): a no-argument callable."""
     torch_cls, fused_cls, hyper = OPTIMIZERS[opt]
-    if impl == "fusedopt (torch)":
-        return fused_cls(params, **hyper, max_grad_norm=MAX_NORM, backend="torch").step
+    if impl in OUR_IMPLS:
+        backend = impl.split("(")[1].rstrip(")")
+        return fused_cls(params, **hyper, max_grad_norm=MAX_NORM, backend=backend).step
     flags = {"torch for-loop": dict(foreach=False), "torch foreach": dict(foreach=True),
              "torch fused": dict(fused=True)}[impl]
     optimizer = torch_cls(params, **hyper, **flags)
@@ -206,13 +219,13 @@ def print_report(meta: dict, results: list[dict]) -> None:
     print("\nvs best torch = (fastest torch median) / (this median); > 1 is faster. B/elem: bytes "
           "each impl moves per element (bytes_per_element in bench/run.py); GB/s = B/elem * elements "
           "/ median.\n")
-    print("## fusedopt (torch) vs the best torch baseline\n")
+    print("## fusedopt vs the best torch baseline\n")
     by_key = {(r["shapes"], r["optimizer"], r["impl"]): r for r in results}
     for r in results:
-        if r["impl"] == "fusedopt (torch)":
+        if r["impl"] in OUR_IMPLS:
             best = by_key[(r["shapes"], r["optimizer"], r["best_torch_impl"])]
-            print(f"- {r['shapes']}, {r['optimizer']}: **{r['speedup_vs_best_torch']:.2f}x** "
-                  f"({best['impl']} {best['median_ms']:.3f} ms -> fusedopt {r['median_ms']:.3f} ms)")
+            print(f"- {r['shapes']}, {r['optimizer']}, {r['impl']}: **{r['speedup_vs_best_torch']:.2f}x** "
+                  f"({best['impl']} {best['median_ms']:.3f} ms -> {r['median_ms']:.3f} ms)")
 
 
 def main(argv=None):
@@ -228,7 +241,8 @@ def main(argv=None):
     }
     warn_if_busy(meta["busy_cpus_at_start"], "at start")
     results = []
-    total = len(args.shapes) * len(args.optimizers) * len(IMPLS)
+    impls = impls_for(device)
+    total = len(args.shapes) * len(args.optimizers) * len(impls)
     for set_name in args.shapes:
         shape_list = shapes.get(set_name)
         n = shapes.numel(shape_list)
@@ -236,7 +250,7 @@ def main(argv=None):
         master_params = [torch.randn(s, generator=gen, device=device, dtype=dtype) for s in shape_list]
         master_grads = [torch.randn(s, generator=gen, device=device, dtype=dtype) for s in shape_list]
         for opt in args.optimizers:
-            for impl in IMPLS:
+            for impl in impls:
                 times = time_impl(opt, impl, master_params, master_grads, args.warmup, args.steps, device)
                 median, moved = statistics.median(times), bytes_per_element(opt, impl, elt_size)
                 results.append(dict(shapes=set_name, tensors=len(shape_list), numel=n, optimizer=opt,
