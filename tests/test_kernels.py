@@ -6,28 +6,18 @@ as after zero_grad(set_to_none=True)), 7 steps, two param groups, one param miss
 steps 2 and 4 and one never having a grad.
 """
 import copy
-import math
 
 import pytest
 import torch
 
 import fusedopt
 from conftest import DEVICE, assert_close, low_precision_bound
+from recipe import CLIPS, STEPS
+from recipe import OUR_CLASSES as CLASSES
 
 T = torch.tensor
-CLASSES = {"SGD": fusedopt.SGD, "Adam": fusedopt.Adam, "AdamW": fusedopt.AdamW}
 SMALL = [(), (1,), (127,), (4097,), (3, 5, 2), (9,)]
 ODD = [(), (1,), (127,), (4097,), (65537,)]
-STEPS = 7
-
-CLIPS = {
-    "noclip": {},
-    "l2-active": dict(max_grad_norm=0.5),
-    "l2-inactive": dict(max_grad_norm=1e4),
-    "inf-active": dict(max_grad_norm=0.3, norm_type=math.inf),
-    "value": dict(max_grad_value=0.2),
-    "value+l2": dict(max_grad_value=0.2, max_grad_norm=0.5),
-}
 CONFIGS = {
     ("SGD", "plain"): dict(lr=0.1),
     ("SGD", "momentum"): dict(lr=0.1, momentum=0.9),
