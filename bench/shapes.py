@@ -26,6 +26,40 @@ def _gpt2_small() -> list[tuple[int, ...]]:
     return shapes
 
 
+def _llama_1b() -> list[tuple[int, ...]]:
+    """A Llama-style ~1.1B model, TinyLlama-1.1B's configuration: vocab 32000, hidden 2048, MLP
+    5632, 22 layers, 32 query heads and 4 key/value heads (grouped-query attention: k and v
+    project to 4 x 64 = 256), RMSNorm weights, untied embedding and LM head: 201 tensors."""
+    vocab, d, mlp, layers, kv = 32000, 2048, 5632, 22, 256
+    shapes = [(vocab, d)]  # embed_tokens
+    for _ in range(layers):
+        shapes += [
+            (d, d), (kv, d), (kv, d), (d, d),  # q_proj, k_proj, v_proj, o_proj
+            (mlp, d), (mlp, d), (d, mlp),      # gate_proj, up_proj, down_proj
+            (d,), (d,),                        # input_layernorm, post_attention_layernorm
+        ]
+    shapes += [(d,), (vocab, d)]  # norm, lm_head
+    return shapes
+
+
+def _resnet50() -> list[tuple[int, ...]]:
+    """torchvision's ResNet-50 (no torchvision needed): stem, bottleneck stages of 3, 4, 6 and 3
+    blocks (1x1, 3x3, 1x1 convs with BatchNorm weight and bias each, a 1x1 downsample conv + BN
+    in each stage's first block), fc: 161 tensors, 25.6M parameters."""
+    shapes = [(64, 3, 7, 7), (64,), (64,)]  # conv1, bn1
+    inplanes = 64
+    for planes, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for b in range(blocks):
+            shapes += [(planes, inplanes, 1, 1), (planes,), (planes,),
+                       (planes, planes, 3, 3), (planes,), (planes,),
+                       (planes * 4, planes, 1, 1), (planes * 4,), (planes * 4,)]
+            if b == 0:
+                shapes += [(planes * 4, inplanes, 1, 1), (planes * 4,), (planes * 4,)]
+            inplanes = planes * 4
+    shapes += [(1000, 2048), (1000,)]  # fc
+    return shapes
+
+
 def numel(shapes: list[tuple[int, ...]]) -> int:
     """Total elements over all tensors of a shape set (a 0-dim tensor holds one)."""
     total = 0
@@ -40,6 +74,11 @@ def numel(shapes: list[tuple[int, ...]]) -> int:
 SETS: dict[str, list[tuple[int, ...]]] = {
     # A real model: few tensors, two of them large (wte is 31% of all elements).
     "gpt2-small": _gpt2_small(),
+    # The large-model regime: ~1.1B parameters, 4.4 GB per fp32 copy (too big for AdamW on the
+    # 24 GB CPU machines with the benchmark's spare copies; a GPU default).
+    "llama-1b": _llama_1b(),
+    # A conv net: many small BatchNorm vectors beside a few large conv kernels.
+    "resnet50": _resnet50(),
     # Launch- and bookkeeping-bound: many tensors of 16 KiB each in fp32 (8.2M elements), the
     # regime of per-tensor Python loops and of the multi-tensor-apply chunking.
     "many-small": [(4096,)] * 2000,
@@ -51,6 +90,10 @@ NAMES = tuple(SETS)
 
 assert len(SETS["gpt2-small"]) == 148, len(SETS["gpt2-small"])
 assert numel(SETS["gpt2-small"]) == 124_439_808, numel(SETS["gpt2-small"])  # "124M"
+assert len(SETS["llama-1b"]) == 201, len(SETS["llama-1b"])
+assert numel(SETS["llama-1b"]) == 1_100_048_384, numel(SETS["llama-1b"])  # TinyLlama's "1.1B"
+assert len(SETS["resnet50"]) == 161, len(SETS["resnet50"])
+assert numel(SETS["resnet50"]) == 25_557_032, numel(SETS["resnet50"])  # torchvision's count
 
 
 def get(name: str) -> list[tuple[int, ...]]:

@@ -81,7 +81,13 @@ def _norms(grads: list[torch.Tensor], norm_type: float, dtype: torch.dtype) -> l
     else:
         norms = []
     if grads:
-        norms.extend(torch._foreach_norm(grads, norm_type, dtype=accumulation_dtype(dtype)))
+        if grads[0].device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+            # torch's CPU foreach_norm with dtype=float32 took 149 ms on GPT-2's bf16 grads, 32 ms
+            # without (it still accumulates in fp32, and rounds the result to bf16): the latter
+            # is also exactly what clip_grad_norm_ computes.
+            norms.extend(n.float() for n in torch._foreach_norm(grads, norm_type))
+        else:
+            norms.extend(torch._foreach_norm(grads, norm_type, dtype=accumulation_dtype(dtype)))
     return norms
 
 

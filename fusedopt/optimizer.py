@@ -33,19 +33,17 @@ def kernel_lr(lr, device: torch.device):
     return lr.to(device=device, dtype=torch.float32)
 
 
-def split_for_fused_op(*columns, broken_dtypes=()) -> tuple[list[int], list[int]]:
+def split_for_fused_op(*columns) -> tuple[list[int], list[int]]:
     """Indices whose tensors torch's fused optimizer ops handle correctly, and the rest.
 
     Those ops walk each tensor's memory as if contiguous: with a grad laid out unlike its param
     (a transposed grad for a contiguous param) torch 2.13's fused CPU SGD missed by 5.0 and Adam
-    by 2.0 after one lr-1 step, where the for-loop was exact. ``broken_dtypes``: params of those
-    dtypes on CPU never take the fused op. The rest go through rules.py, one tensor at a time.
+    by 2.0 after one lr-1 step, where the for-loop was exact. The rest go through rules.py, one
+    tensor at a time.
     """
     fused, rest = [], []
     for i, tensors in enumerate(zip(*columns)):
-        ok = all(t is None or t.is_contiguous() for t in tensors) and not (
-            tensors[0].device.type == "cpu" and tensors[0].dtype in broken_dtypes)
-        (fused if ok else rest).append(i)
+        (fused if all(t is None or t.is_contiguous() for t in tensors) else rest).append(i)
     return fused, rest
 
 

@@ -1,0 +1,141 @@
+"""How bench/run.py measures: step time, host time, launches, copy bandwidth, and the machine.
+
+Each function answers one question about one step callable; run.py decides what to step.
+"""
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+
+def time_steps(step, restore, warmup: int, steps: int, device: torch.device) -> list[float]:
+    """ms per step, ``steps`` times after ``warmup``; ``restore`` runs untimed before each step.
+
+    CUDA: events around each step, and a 256 MB write between steps so that no step finds its
+    tensors in L2 (50 MB on an H100: the many-small set's 33 MB of grads would fit), as
+    triton.testing.do_bench does. CPU: wall time, the step being synchronous.
+    """
+    if device.type == "cuda":
+        flush = torch.empty(256 * 2 ** 20, dtype=torch.int8, device=device)
+        events = []
+        for i in range(warmup + steps):
+            restore()
+            flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            if i >= warmup:
+                events.append((start, end))
+        torch.cuda.synchronize()
+        return [s.elapsed_time(e) for s, e in events]
+    times = []
+    for i in range(warmup + steps):
+        restore()
+        start = time.perf_counter()
+        step()
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def host_ms(step, restore, device: torch.device, repeats: int = 5) -> float | None:
+    """On CUDA, the host time of one step: until step() returns, the GPU idle at the start.
+    None on CPU, where host time is the step time."""
+    if device.type != "cuda":
+        return None
+    times = []
+    for _ in range(repeats):
+        restore()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - start) * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def launches_per_step(step, restore, device: torch.device) -> dict | None:
+    """Kernels and copies one step puts on the GPU, counted by the torch profiler (Triton kernels
+    included). None on CPU, where there are no launches."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+    restore()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    kernels = copies = 0
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            if event.name.startswith(("Memcpy", "Memset")):
+                copies += 1
+            else:
+                kernels += 1
+    return {"kernels": kernels, "copies": copies}
+
+
+def copy_bandwidth_gbs(device: torch.device, mbytes: int = 1024, repeats: int = 10) -> float:
+    """Device-to-device copy bandwidth, GB/s counting read + write: the practical ceiling for a
+    memory-bound step, measured in the same run on the same device."""
+    n = mbytes * 2 ** 20 // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    times = time_steps(lambda: dst.copy_(src), lambda: None, 2, repeats, device)
+    return 2 * src.numel() * 4 / (statistics.median(times) * 1e-3) / 1e9
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {torch.get_num_threads()} torch threads"
+
+
+def versions() -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    return {"torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
+            "python": platform.python_version()}
+
+
+def busy_cpus(seconds: float = 0.5) -> float | None:
+    """How many CPUs other processes keep busy, sampled from /proc/stat while this one sleeps.
+
+    On CPU a neighbour matters a lot: torch's fused CPU ops open an OpenMP parallel region even
+    for tiny tensors, and each waits for a busy core (seen on 2 cores with a pytest run beside:
+    the smoke step took 8-32 ms, in multiples of 4 ms, instead of 0.3 ms).
+    """
+    def sample():
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+        # all CPUs' busy seconds, wall seconds x CPUs, and this process's own CPU seconds (its
+        # OpenMP workers may still be spinning after the last parallel region)
+        hz = os.sysconf("SC_CLK_TCK")
+        return (sum(ticks) - ticks[3] - ticks[4]) / hz, sum(ticks) / hz, time.process_time()
+    try:
+        busy0, total0, own0 = sample()
+        time.sleep(seconds)
+        busy1, total1, own1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    cpus = os.cpu_count() or 1
+    return max(0.0, cpus * ((busy1 - busy0) - (own1 - own0)) / max(total1 - total0, 1e-9))
+
+
+def warn_if_busy(busy: float | None, when: str) -> None:
+    if busy is not None and busy > 0.25:
+        print(f"warning: other processes kept {busy:.1f} CPUs busy {when}; the timings may show it",
+              file=sys.stderr)

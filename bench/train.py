@@ -1,0 +1,384 @@
+"""Train a small GPT twice, with torch's clip + AdamW and with fusedopt.AdamW, and compare.
+
+The one question: does ``fusedopt.AdamW(..., max_grad_norm=1.0)`` train a real model as
+``clip_grad_norm_(params, 1.0)`` + ``torch.optim.AdamW`` does (same loss curve, same final
+weights, to rounding), and how long is a whole training step (forward + backward + step) with each?
+
+    python bench/train.py                        # 600 steps: ~40 s on 2 idle CPU cores
+    python bench/train.py --quick                # 50 steps: a smoke run, ~10 s
+    python bench/train.py --steps 2000 --device cuda --out-dir /tmp/train
+
+The model is a decoder-only transformer (~110k parameters) trained on characters of a corpus that
+the script generates from its seed (a word-level Markov chain), so nothing is downloaded. Both runs
+start from one state_dict and see the same batches; they alternate step by step, so that load from
+other processes falls on both alike. Writes a PNG of the two loss curves and a JSON of every number
+to ``bench/results/train-<device>-<date>.{png,json}`` (``--out-dir`` to change the folder) and
+prints a summary. Exits non-zero when the loss curves differ by more than LOSS_RTOL.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import random
+import re
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fusedopt
+from fusedopt._dispatch import choose_backend
+
+MAX_NORM = 1.0
+# Largest allowed max_i |loss_a[i] - loss_b[i]| / |loss_a[i]|. The runs differ by float rounding
+# only (the clip multiplies .grad in one and divides inside the fused op in the other; the update
+# orders its arithmetic differently), but training amplifies any difference exponentially. On the
+# 2-core CI machine (seed 0, 600 steps) at a constant lr 3e-3, fusedopt vs torch, torch's for-loop
+# vs its fused AdamW, and one weight moved by one ulp all drifted alike: past 1e-4 at step 349, to
+# ~0.1 at the end. The cosine decay in CONFIG damps it: the same three then stayed within 5.9e-6,
+# 5.2e-6 and 1.3e-5. A longer run can cross the limit with no bug: compare with such a control.
+LOSS_RTOL = 1e-4
+# lr falls from lr to lr_min on a half cosine over the run (GPT practice; and see LOSS_RTOL).
+CONFIG = dict(block=64, d_model=64, n_layer=2, n_head=4, batch=16, lr=3e-3, lr_min=3e-4,
+              weight_decay=0.1, corpus_chars=200_000, words=48, successors=4)
+# Median step on the 2-core CI machine (2 torch threads): 20-25 ms idle, so ~40 s for the default
+# run and ~10 s for --quick, start-up included; 100-280 ms while another process kept both cores
+# busy (torch's OpenMP threads then wait for each other).
+DEFAULT_STEPS, QUICK_STEPS = 600, 50
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+def make_corpus(n_chars: int, n_words: int, n_successors: int, seed: int) -> str:
+    """Text from a seeded word-level Markov chain: ``n_words`` made-up words of 2-7 letters, each
+    followed by one of ``n_successors`` words with weights 2^k (for 4: 1.6 bits a word, ~0.2 nats a
+    character). A model can learn the spelling of words, then which words follow which: the loss
+    falls from ln(27) = 3.3 nats towards that floor (0.24 after the default 600 steps)."""
+    rng = random.Random(seed)
+    words = sorted({"".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 7)))
+                    for _ in range(n_words)})
+    weights = [2 ** k for k in range(n_successors, 0, -1)]
+    successors = {w: rng.sample(words, n_successors) for w in words}
+    out, word, n = [], rng.choice(words), 0
+    while n < n_chars:
+        out.append(word)
+        n += len(word) + 1
+        word = rng.choices(successors[word], weights)[0]
+    return " ".join(out)[:n_chars]
+
+
+def batch_starts(n_tokens: int, block: int, batch: int, steps: int, seed: int) -> torch.Tensor:
+    """(steps, batch) window starts, drawn once: both runs index the same windows at each step."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(n_tokens - block - 1, (steps, batch), generator=gen)
+
+
+# -- model --------------------------------------------------------------------------------------
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: causal self-attention, then a GELU MLP, each residual."""
+
+    def __init__(self, d: int, n_head: int):
+        super().__init__()
+        self.n_head = n_head
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        # (B, T, 3C) -> three (B, heads, T, head_dim)
+        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    """Token + learned position embeddings, ``n_layer`` blocks, final LayerNorm, untied head."""
+
+    def __init__(self, vocab: int, block: int, d_model: int, n_layer: int, n_head: int):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, d_model), nn.Embedding(block, d_model)
+        self.blocks = nn.Sequential(*[Block(d_model, n_head) for _ in range(n_layer)])
+        self.ln_f = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab, bias=False)
+        for m in self.modules():  # GPT-2's init: N(0, 0.02) weights, zero biases
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy of ``idx`` (B, T) against ``targets`` (B, T)."""
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+        logits = self.head(self.ln_f(self.blocks(x)))
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+# -- the two runs -------------------------------------------------------------------------------
+
+def cosine(opt, cfg):
+    """lr from cfg["lr"] down to cfg["lr_min"] over the run, a half cosine."""
+    return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg["steps"], eta_min=cfg["lr_min"])
+
+
+def torch_recipe(params, cfg):
+    """Run (a): clip_grad_norm_ then torch.optim.AdamW, both with torch's defaults (foreach=None:
+    for-loop AdamW and foreach norm on CPU, foreach both on CUDA). Returns (step, grad-norm getter)."""
+    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    schedule, last = cosine(opt, cfg), {}
+
+    def step():
+        last["norm"] = torch.nn.utils.clip_grad_norm_(params, MAX_NORM)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        schedule.step()
+    return step, lambda: last["norm"]
+
+
+def fusedopt_recipe(params, cfg):
+    """Run (b): fusedopt.AdamW with the clip inside step(). Returns (step, grad-norm getter)."""
+    opt = fusedopt.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], max_grad_norm=MAX_NORM)
+    schedule = cosine(opt, cfg)
+
+    def step():
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        schedule.step()
+    return step, lambda: opt.grad_norm
+
+
+RUNS = {"torch clip_grad_norm_ + AdamW": torch_recipe, "fusedopt.AdamW": fusedopt_recipe}
+
+
+def train(models, data, starts, cfg, device, warmup):
+    """Train each model with its recipe on the same batches, alternating which goes first.
+
+    Returns per run: losses (before each step's update), pre-clip grad norms, ms per step.
+    """
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    offsets = torch.arange(cfg["block"] + 1, device=device)
+    runs = []
+    for name, model in zip(RUNS, models):
+        step, grad_norm = RUNS[name](list(model.parameters()), cfg)
+        runs.append(dict(name=name, model=model, step=step, grad_norm=grad_norm,
+                         losses=[], grad_norms=[], ms=[]))
+    for i, row in enumerate(starts.to(device)):
+        window = data[row[:, None] + offsets]  # (batch, block + 1), built outside the timed region
+        x, y = window[:, :-1], window[:, 1:]
+        # Swap the order every step: whichever runs second finds caches (and, on a loaded machine,
+        # the CPU) in another state; alternating spreads that over both.
+        for run in (runs if i % 2 == 0 else runs[::-1]):
+            sync()
+            start = time.perf_counter()
+            loss = run["model"](x, y)
+            loss.backward()
+            run["step"]()
+            sync()
+            run["ms"].append((time.perf_counter() - start) * 1e3)
+            run["losses"].append(loss.detach())
+            run["grad_norms"].append(run["grad_norm"]().detach().clone())  # read after the clock
+    for run in runs:
+        run["losses"] = torch.stack(run["losses"]).tolist()
+        run["grad_norms"] = torch.stack(run["grad_norms"]).tolist()
+        run["median_ms"] = statistics.median(run["ms"][warmup:])
+    return runs
+
+
+@torch.no_grad()
+def param_diffs(model_a: GPT, model_b: GPT, d_model: int) -> dict[str, float]:
+    """max |a - b| per parameter tensor, each qkv.bias split into its key third and the rest.
+
+    The key bias has zero gradient in exact arithmetic (softmax ignores a constant added to all of
+    a query's scores), so its .grad is rounding noise, which Adam's m / sqrt(v) scales up to
+    lr-sized steps in directions that rounding decides: any two AdamW implementations walk it apart
+    by ~lr while no output changes (torch's own for-loop and fused AdamW: 1.5e-3 apart after 100
+    steps at lr 3e-3, every other tensor within 3e-7). Kept apart so that it hides nothing else.
+    """
+    diffs = {}
+    for (name, p), q in zip(model_a.named_parameters(), model_b.parameters()):
+        d = (p - q).abs()
+        if name.endswith("qkv.bias"):
+            diffs[name + "[key]"] = d[d_model:2 * d_model].max().item()
+            d, name = torch.cat([d[:d_model], d[2 * d_model:]]), name + "[query,value]"
+        diffs[name] = d.max().item()
+    return diffs
+
+
+# -- outputs ------------------------------------------------------------------------------------
+
+def device_name(device: torch.device) -> str:
+    """The CUDA device's name, or the CPU model and torch's thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {torch.get_num_threads()} torch threads"
+
+
+def triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return "not installed"
+    return triton.__version__
+
+
+def load_average() -> float | None:
+    """1-minute load average: on a shared CPU machine, a hint of how noisy the step times are."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def device_slug(device: torch.device) -> str:
+    """``cpu``, or the CUDA device's name lowercased with runs of other characters as '-'."""
+    if device.type != "cuda":
+        return device.type
+    return re.sub(r"[^a-z0-9.]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+
+
+def plot(path, runs, meta):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    a, b = runs
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True,
+                                      gridspec_kw=dict(height_ratios=[3, 1]))
+    steps = range(len(a["losses"]))
+    # (a) wide and solid, (b) thin and dashed on top: where the curves coincide both stay visible
+    top.plot(steps, a["losses"], "-", lw=3, alpha=0.5, color="tab:blue",
+             label=f"(a) {a['name']}: {a['median_ms']:.1f} ms/step")
+    top.plot(steps, b["losses"], "--", lw=1.2, color="tab:red",
+             label=f"(b) {b['name']}: {b['median_ms']:.1f} ms/step")
+    top.set_ylabel("training loss (nats / char)")
+    top.legend()
+    top.grid(alpha=0.3)
+    top.set_title(f"{meta['device']}, fp32, fusedopt backend: {meta['fusedopt_backend']}\n"
+                  f"median step: (a) {a['median_ms']:.2f} ms, (b) {b['median_ms']:.2f} ms", fontsize=10)
+    diff = [abs(x - y) for x, y in zip(a["losses"], b["losses"])]
+    bottom.semilogy([s for s, d in zip(steps, diff) if d > 0], [d for d in diff if d > 0], ".", ms=2,
+                    color="black")  # zeros (step 0 is bit-identical) have no place on a log axis
+    bottom.set_ylabel("|loss a - loss b|")
+    bottom.set_xlabel("step")
+    bottom.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, help=f"training steps per run (default {DEFAULT_STEPS}, "
+                                                   f"{QUICK_STEPS} with --quick)")
+    parser.add_argument("--quick", action="store_true", help=f"a smoke run: {QUICK_STEPS} steps")
+    parser.add_argument("--warmup", type=int, default=5,
+                        help="first steps left out of the median step time (the first one creates "
+                             "the optimizer state)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds the corpus, the initial weights and the batches")
+    parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                          "results"),
+                        help="folder for train-<device>-<date>.{png,json} (default: bench/results)")
+    args = parser.parse_args(argv)
+    if args.steps is None:
+        args.steps = QUICK_STEPS if args.quick else DEFAULT_STEPS
+    if args.warmup < 0 or args.steps <= args.warmup:
+        parser.error("need 0 <= --warmup < --steps")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    torch.set_default_dtype(torch.float32)
+    cfg = dict(CONFIG, steps=args.steps, warmup=args.warmup, seed=args.seed, max_grad_norm=MAX_NORM)
+    meta = {
+        "device": device_name(device), "torch": torch.__version__, "triton": triton_version(),
+        "fusedopt": fusedopt.__version__, "fusedopt_backend": choose_backend(None, {device}),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "load_average_at_start": load_average(),
+    }
+
+    text = make_corpus(cfg["corpus_chars"], cfg["words"], cfg["successors"], args.seed)
+    vocab = sorted(set(text))
+    data = torch.tensor([vocab.index(c) for c in text], device=device)
+    starts = batch_starts(len(data), cfg["block"], cfg["batch"], args.steps, args.seed)
+    torch.manual_seed(args.seed)
+    shape = (len(vocab), cfg["block"], cfg["d_model"], cfg["n_layer"], cfg["n_head"])
+    model_a = GPT(*shape).to(device)
+    model_b = GPT(*shape).to(device)
+    model_b.load_state_dict(model_a.state_dict())  # identical starting weights
+    cfg.update(vocab=len(vocab), params=sum(p.numel() for p in model_a.parameters()))
+
+    t0 = time.perf_counter()
+    runs = train([model_a, model_b], data, starts, cfg, device, args.warmup)
+    wall_s = time.perf_counter() - t0
+    meta["load_average_at_end"] = load_average()
+
+    a, b = runs
+    loss_abs = max(abs(x - y) for x, y in zip(a["losses"], b["losses"]))
+    loss_rel = max(abs(x - y) / abs(x) for x, y in zip(a["losses"], b["losses"]))
+    norm_rel = max(abs(x - y) / x for x, y in zip(a["grad_norms"], b["grad_norms"]))
+    diffs = param_diffs(model_a, model_b, cfg["d_model"])
+    worst = max(diffs, key=diffs.get)
+    worst_not_key = max((n for n in diffs if "[key]" not in n), key=diffs.get)
+    param_scale = max(p.abs().max().item() for p in model_a.parameters())
+    compare = dict(max_abs_loss_diff=loss_abs, max_rel_loss_diff=loss_rel, loss_rtol=LOSS_RTOL,
+                   max_abs_param_diff=diffs[worst], max_abs_param_diff_in=worst,
+                   max_abs_param_diff_without_key_bias=diffs[worst_not_key],
+                   max_abs_param=param_scale, max_abs_param_diff_per_tensor=diffs,
+                   max_rel_grad_norm_diff=norm_rel,
+                   clipped_steps=sum(n > MAX_NORM for n in a["grad_norms"]),
+                   speed_ratio_a_over_b=a["median_ms"] / b["median_ms"], wall_s_both_runs=wall_s)
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    stem = os.path.join(args.out_dir, f"train-{device_slug(device)}-{datetime.date.today().isoformat()}")
+    plot(stem + ".png", runs, meta)
+    with open(stem + ".json", "w") as f:
+        json.dump({"meta": meta, "config": cfg, "compare": compare,
+                   "runs": [{k: v for k, v in r.items() if k in ("name", "median_ms", "losses",
+                                                                  "grad_norms", "ms")} for r in runs]},
+                  f, indent=1)
+
+    print(f"# fusedopt training check: {cfg['n_layer']}-layer GPT, {cfg['params']:,} params, fp32\n")
+    print(f"- device: {meta['device']}; fusedopt backend: {meta['fusedopt_backend']}")
+    print(f"- torch {meta['torch']}, triton {meta['triton']}, fusedopt {meta['fusedopt']}, {meta['date']}")
+    print(f"- {args.steps} steps of batch {cfg['batch']} x {cfg['block']} chars (vocab {len(vocab)}), "
+          f"lr {cfg['lr']} -> {cfg['lr_min']} (cosine), weight decay {cfg['weight_decay']}, clip "
+          f"{MAX_NORM} (active in {compare['clipped_steps']}/{args.steps} steps); both runs "
+          f"{wall_s:.1f} s")
+    if device.type == "cpu":
+        print(f"- load average at start / end: {meta['load_average_at_start']} / "
+              f"{meta['load_average_at_end']} (other work on these cores slows the steps)")
+    for tag, r in zip("ab", runs):
+        print(f"- ({tag}) {r['name']}: loss {r['losses'][0]:.4f} -> {r['losses'][-1]:.4f}, "
+              f"median {r['median_ms']:.2f} ms/step (steps {args.warmup}+)")
+    print(f"- max |loss a - loss b|: {loss_abs:.3g} ({loss_rel:.3g} relative; limit {LOSS_RTOL:g})")
+    print(f"- max |param a - param b| after training: {diffs[worst]:.3g}, in {worst} (largest |param| "
+          f"{param_scale:.3g}); without the key biases: {diffs[worst_not_key]:.3g}, in {worst_not_key}")
+    print(f"- pre-clip grad norms agree to {norm_rel:.3g} relative")
+    print(f"- speed ratio, median step (a) / (b): {compare['speed_ratio_a_over_b']:.2f}x "
+          "(> 1: fusedopt faster)")
+    print(f"- wrote {stem}.png and {stem}.json")
+    if loss_rel > LOSS_RTOL:
+        sys.exit(f"FAIL: the loss curves differ by {loss_rel:.3g} relative, more than {LOSS_RTOL:g}. "
+                 "Training amplifies rounding; before suspecting fusedopt, check whether two torch "
+                 "AdamW implementations (foreach=False vs fused=True) drift as far (see LOSS_RTOL)")
+
+
+if __name__ == "__main__":
+    main()
