@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One go on a GPU machine that has torch and triton but no network: the test suite on CUDA (the
-# kernel tests then run on the GPU, not the interpreter), then the step benchmark, all written
-# into one folder to commit under bench/results/.  Usage: bash bench/gpu_check.sh [OUT_DIR]
+# kernel tests then run on the GPU, not the interpreter), the quick step benchmark (< 3 min) and
+# the training check, all written into one folder to commit under bench/results/.
+# Usage: bash bench/gpu_check.sh [OUT_DIR]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-bench/results/gpu-$(date +%Y-%m-%d)}
@@ -20,6 +21,8 @@ if ! python -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/instal
   echo "pip install failed; using $SHIM" >> "$OUT/install.txt"
 fi
 python -m pytest -q -ra tests > "$OUT/pytest.txt" 2>&1; echo "pytest exit $?" >> "$OUT/pytest.txt"
-python bench/run.py --json "$OUT/bench.json" > "$OUT/bench.md" 2> "$OUT/bench.log"
+python bench/run.py --quick --out-dir "$OUT" > "$OUT/bench-stdout.md" 2> "$OUT/bench.log"
 echo "bench exit $?" >> "$OUT/bench.log"
-tail -n 3 "$OUT/pytest.txt"; cat "$OUT/bench.md"
+python bench/train.py --device cuda --out-dir "$OUT" > "$OUT/train.txt" 2>&1
+echo "train exit $?" >> "$OUT/train.txt"
+tail -n 3 "$OUT/pytest.txt"; cat "$OUT/bench-stdout.md" "$OUT/train.txt"

@@ -85,7 +85,7 @@ def chart(path, meta: dict, results: list[dict]) -> bool:
     impls = list(dict.fromkeys(r["impl"] for r in ours))
     workloads = list(dict.fromkeys((r["shapes"], r["dtype"], r["clip"], r["optimizer"]) for r in ours))
     by_key = {(r["shapes"], r["dtype"], r["clip"], r["optimizer"], r["impl"]): r for r in ours}
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.55 * len(workloads) * len(impls) + 2), 4.5))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.95 * len(workloads) + 0.4 * len(impls) + 2), 4.5))
     width = 0.8 / max(1, len(impls))
     for k, impl in enumerate(impls):
         xs = [i + (k - (len(impls) - 1) / 2) * width for i in range(len(workloads))]
@@ -94,8 +94,9 @@ def chart(path, meta: dict, results: list[dict]) -> bool:
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(workloads)))
-    ax.set_xticklabels([f"{s}\n{d} {o}\nclip {'on' if c else 'off'}" for s, d, c, o in workloads],
-                       fontsize=7)
+    short = {"float32": "fp32", "bfloat16": "bf16"}
+    ax.set_xticklabels([f"{s}\n{short.get(d, d)} {o}\nclip {'on' if c else 'off'}"
+                        for s, d, c, o in workloads], fontsize=7)
     ax.set_ylabel("speedup vs best torch recipe (x)")
     ax.set_title(f"fusedopt step vs torch.optim + clip_grad_norm_\n{meta['device']}, "
                  f"torch {meta['versions']['torch']}, {meta['date'][:10]}", fontsize=9)
