@@ -19,9 +19,7 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import random
-import re
 import statistics
 import sys
 import time
@@ -32,6 +30,9 @@ import torch.nn.functional as F
 
 import fusedopt
 from fusedopt._dispatch import choose_backend
+
+import measure  # bench/ is on sys.path when run as `python bench/train.py`
+import report
 
 MAX_NORM = 1.0
 # Largest allowed max_i |loss_a[i] - loss_b[i]| / |loss_a[i]|. The runs differ by float rounding
@@ -212,40 +213,12 @@ def param_diffs(model_a: GPT, model_b: GPT, d_model: int) -> dict[str, float]:
 
 # -- outputs ------------------------------------------------------------------------------------
 
-def device_name(device: torch.device) -> str:
-    """The CUDA device's name, or the CPU model and torch's thread count."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{name}, {torch.get_num_threads()} torch threads"
-
-
-def triton_version() -> str:
-    try:
-        import triton
-    except ImportError:
-        return "not installed"
-    return triton.__version__
-
-
 def load_average() -> float | None:
     """1-minute load average: on a shared CPU machine, a hint of how noisy the step times are."""
     try:
         return round(os.getloadavg()[0], 2)
     except (AttributeError, OSError):
         return None
-
-
-def device_slug(device: torch.device) -> str:
-    """``cpu``, or the CUDA device's name lowercased with runs of other characters as '-'."""
-    if device.type != "cuda":
-        return device.type
-    return re.sub(r"[^a-z0-9.]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
 
 
 def plot(path, runs, meta):
@@ -306,7 +279,8 @@ def main(argv=None):
     torch.set_default_dtype(torch.float32)
     cfg = dict(CONFIG, steps=args.steps, warmup=args.warmup, seed=args.seed, max_grad_norm=MAX_NORM)
     meta = {
-        "device": device_name(device), "torch": torch.__version__, "triton": triton_version(),
+        "device": measure.device_name(device), "torch": torch.__version__,
+        "triton": measure.versions()["triton"],
         "fusedopt": fusedopt.__version__, "fusedopt_backend": choose_backend(None, {device}),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
@@ -346,7 +320,7 @@ def main(argv=None):
                    speed_ratio_a_over_b=a["median_ms"] / b["median_ms"], wall_s_both_runs=wall_s)
 
     os.makedirs(args.out_dir, exist_ok=True)
-    stem = os.path.join(args.out_dir, f"train-{device_slug(device)}-{datetime.date.today().isoformat()}")
+    stem = os.path.join(args.out_dir, f"train-{report.slug(measure.device_name(device))}-{datetime.date.today().isoformat()}")
     plot(stem + ".png", runs, meta)
     with open(stem + ".json", "w") as f:
         json.dump({"meta": meta, "config": cfg, "compare": compare,
