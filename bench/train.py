@@ -221,10 +221,15 @@ def load_average() -> float | None:
         return None
 
 
-def plot(path, runs, meta):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot(path, runs, meta) -> bool:
+    """The two loss curves overlaid, and their difference; False without matplotlib (it comes
+    with the `bench` extra)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
     a, b = runs
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True,
                                       gridspec_kw=dict(height_ratios=[3, 1]))
@@ -248,6 +253,7 @@ def plot(path, runs, meta):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
 
 
 def parse_args(argv=None):
@@ -320,8 +326,9 @@ def main(argv=None):
                    speed_ratio_a_over_b=a["median_ms"] / b["median_ms"], wall_s_both_runs=wall_s)
 
     os.makedirs(args.out_dir, exist_ok=True)
-    stem = os.path.join(args.out_dir, f"train-{report.slug(measure.device_name(device))}-{datetime.date.today().isoformat()}")
-    plot(stem + ".png", runs, meta)
+    stem = os.path.join(args.out_dir, f"train-{report.slug(measure.device_name(device))}-"
+                        f"{datetime.date.today().isoformat()}")
+    charted = plot(stem + ".png", runs, meta)
     with open(stem + ".json", "w") as f:
         json.dump({"meta": meta, "config": cfg, "compare": compare,
                    "runs": [{k: v for k, v in r.items() if k in ("name", "median_ms", "losses",
@@ -347,7 +354,8 @@ def main(argv=None):
     print(f"- pre-clip grad norms agree to {norm_rel:.3g} relative")
     print(f"- speed ratio, median step (a) / (b): {compare['speed_ratio_a_over_b']:.2f}x "
           "(> 1: fusedopt faster)")
-    print(f"- wrote {stem}.png and {stem}.json")
+    print(f"- wrote {stem}.json" + (f" and {stem}.png" if charted
+                                     else " (no chart: matplotlib is not installed)"))
     if loss_rel > LOSS_RTOL:
         sys.exit(f"FAIL: the loss curves differ by {loss_rel:.3g} relative, more than {LOSS_RTOL:g}. "
                  "Training amplifies rounding; before suspecting fusedopt, check whether two torch "

@@ -239,7 +239,8 @@ def test_two_dtype_groups_take_two_launches_each_and_share_one_norm(launches):
     opt.step()
     ref.step()
     assert launches == {"_norm_kernel": 2, "_adam_kernel": 2}
-    assert_close(opt.grad_norm, ref.grad_norm)
+    # the torch path on CPU takes bf16 norms as clip_grad_norm_ does, rounded to bf16 (2**-9)
+    assert_close(opt.grad_norm, ref.grad_norm, rtol=2.0 ** -8 if DEVICE == "cpu" else 1e-5)
 
 
 def test_deterministic_run_to_run():
