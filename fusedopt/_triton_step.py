@@ -48,8 +48,8 @@ class GroupPlan:
         self.fallback = []
         self.by_dtype = {}  # dtype -> (params, update rows, norm rows, numels)
         for p in params:
-            if tensors_fit_kernel([p, p.grad], KERNEL_DTYPES):  # may create p's state
-                tensors, scalars, ints = opt._kernel_row(group, p)
+            if tensors_fit_kernel([p, p.grad], KERNEL_DTYPES):
+                tensors, scalars, ints = opt._kernel_row(group, p)  # may create p's state
                 if tensors_fit_kernel(tensors, KERNEL_DTYPES):
                     ps, rows, norm_rows, numels = self.by_dtype.setdefault(p.dtype, ([], [], [], []))
                     ps.append(p)

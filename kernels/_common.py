@@ -95,3 +95,24 @@ def clip_coef(partials_ptr, n_partials, norm_out_ptr, write_norm, max_norm,
             tl.store(norm_out_ptr, norm)
     coef = max_norm / (norm + 1e-6)
     return tl.where(coef > 1.0, 1.0, coef)
+
+
+def launch_update(kernel, table, clip, grid, lr, scalars, **flags):
+    """Launch an update kernel: the arguments every update kernel takes (tables, norm partials,
+    norm output, lr), then ``scalars`` (its own hyperparameters, in its argument order) and the
+    clip bounds, with its own constexpr ``flags`` beside the shared ones.
+
+    ``lr`` is a float or a 1-element fp32 tensor on the device (read through a pointer: no sync,
+    no recompile). ``clip`` is fusedopt._triton_step.KernelClip; only its first launch of a step
+    stores the total norm.
+    """
+    lr_is_tensor = not isinstance(lr, float)
+    kernel[(grid,)](
+        table.rows, table.grads, table.block_tensor, table.block_index, clip.partials,
+        clip.norm_out, lr if lr_is_tensor else clip.norm_out, table.n_blocks,
+        clip.partials.numel(), int(clip.write_norm), 0.0 if lr_is_tensor else lr,
+        *(float(x) for x in scalars), clip.max_norm, clip.max_value,
+        DTYPE=triton_dtype(table.dtype), NORM=clip.norm, VALUE_CLIP=clip.value_clip,
+        LR_FROM_PTR=lr_is_tensor, BLOCK=BLOCK_SIZE, NUM_PARTIALS=NUM_PARTIALS,
+        num_warps=NUM_WARPS, **flags)
+    clip.write_norm = False

@@ -5,8 +5,7 @@ are never written. Math: fusedopt/rules.adam_*_rule. Torch twin: fusedopt/adam.p
 import triton
 import triton.language as tl
 
-from fusedopt.kernels._common import (BLOCK_SIZE, NUM_PARTIALS, NUM_WARPS, clamp_value, clip_coef,
-                                      jit_rule, triton_dtype)
+from fusedopt.kernels._common import clamp_value, clip_coef, jit_rule, launch_update
 from fusedopt.rules import adam_moments_rule, adam_param_rule
 
 adam_moments_rule_tl = jit_rule(adam_moments_rule)
@@ -103,14 +102,6 @@ def _adam_kernel(
 def adam_triton_(table, clip, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
                  decoupled_weight_decay, grid):
     """Launch the Adam/AdamW update over ``table`` (columns p, exp_avg, exp_avg_sq, max_exp_avg_sq
-    (p's address when not amsgrad), step, numel; grads apart); see sgd_triton_ for ``clip``."""
-    lr_is_tensor = not isinstance(lr, float)
-    _adam_kernel[(grid,)](
-        table.rows, table.grads, table.block_tensor, table.block_index, clip.partials, clip.norm_out,
-        lr if lr_is_tensor else clip.norm_out, table.n_blocks, clip.partials.numel(),
-        int(clip.write_norm), 0.0 if lr_is_tensor else lr, float(beta1), float(beta2), float(eps),
-        float(weight_decay), clip.max_norm, clip.max_value,
-        DTYPE=triton_dtype(table.dtype), NORM=clip.norm, VALUE_CLIP=clip.value_clip,
-        AMSGRAD=amsgrad, MAXIMIZE=maximize, DECOUPLED=decoupled_weight_decay,
-        LR_FROM_PTR=lr_is_tensor, BLOCK=BLOCK_SIZE, NUM_PARTIALS=NUM_PARTIALS, num_warps=NUM_WARPS)
-    clip.write_norm = False
+    (p's address when not amsgrad), step, numel; grads apart); ``clip`` and ``lr`` as in _common.launch_update."""
+    launch_update(_adam_kernel, table, clip, grid, lr, (beta1, beta2, eps, weight_decay),
+                  AMSGRAD=amsgrad, MAXIMIZE=maximize, DECOUPLED=decoupled_weight_decay)

@@ -4,8 +4,7 @@ written. Math: fusedopt/rules.sgd_rule. Torch twin: fusedopt/sgd.py."""
 import triton
 import triton.language as tl
 
-from fusedopt.kernels._common import (BLOCK_SIZE, NUM_PARTIALS, NUM_WARPS, clamp_value, clip_coef,
-                                      jit_rule, triton_dtype)
+from fusedopt.kernels._common import clamp_value, clip_coef, jit_rule, launch_update
 from fusedopt.rules import sgd_rule
 
 sgd_rule_tl = jit_rule(sgd_rule)
@@ -79,18 +78,7 @@ def _sgd_kernel(
 
 
 def sgd_triton_(table, clip, *, lr, momentum, dampening, weight_decay, nesterov, maximize, grid):
-    """Launch the SGD update over ``table`` (columns p, buf, numel, first-step flag; grads apart).
-
-    ``clip`` carries the partials buffer, the norm output, the norm kind and the clip bounds;
-    ``lr`` is a float or a 1-element fp32 tensor on the device.
-    """
-    lr_is_tensor = not isinstance(lr, float)
-    _sgd_kernel[(grid,)](
-        table.rows, table.grads, table.block_tensor, table.block_index, clip.partials, clip.norm_out,
-        lr if lr_is_tensor else clip.norm_out, table.n_blocks, clip.partials.numel(),
-        int(clip.write_norm), 0.0 if lr_is_tensor else lr, float(momentum), float(dampening),
-        float(weight_decay), clip.max_norm, clip.max_value,
-        DTYPE=triton_dtype(table.dtype), NORM=clip.norm, VALUE_CLIP=clip.value_clip,
-        HAS_MOMENTUM=momentum != 0, NESTEROV=nesterov, MAXIMIZE=maximize, LR_FROM_PTR=lr_is_tensor,
-        BLOCK=BLOCK_SIZE, NUM_PARTIALS=NUM_PARTIALS, num_warps=NUM_WARPS)
-    clip.write_norm = False
+    """Launch the SGD update over ``table`` (columns p, buf, numel, first-step flag; grads apart);
+    ``clip`` and ``lr`` as in _common.launch_update."""
+    launch_update(_sgd_kernel, table, clip, grid, lr, (momentum, dampening, weight_decay),
+                  HAS_MOMENTUM=momentum != 0, NESTEROV=nesterov, MAXIMIZE=maximize)
