@@ -4,7 +4,8 @@
 followed by ``torch.optim.AdamW(params, ...).step()``. Importing fusedopt imports no Triton.
 """
 from fusedopt.adam import Adam, AdamW
+from fusedopt.amp import GradScaler
 from fusedopt.sgd import SGD
 
-__all__ = ["SGD", "Adam", "AdamW"]
+__all__ = ["SGD", "Adam", "AdamW", "GradScaler"]
 __version__ = "0.1.0"

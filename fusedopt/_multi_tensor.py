@@ -20,10 +20,20 @@ def tensors_fit_kernel(tensors: list[torch.Tensor], dtypes) -> bool:
         and t.data_ptr() % 16 == 0 for t in tensors)
 
 
+CAPTURE_ERROR = (
+    "fusedopt: the optimizer's launch tables changed during CUDA graph capture (new grads, new "
+    "state or new params since the last eager step); a captured host-to-device copy would replay "
+    "from a host buffer nothing keeps alive. Run a few eager warmup steps with the grads the graph "
+    "will use (opt.zero_grad(set_to_none=False) keeps their storage), then capture.")
+
+
 def _to_device(values, device: torch.device) -> torch.Tensor:
     """One host-to-device copy of int64 values; from pinned memory on CUDA, so the host does not
-    wait (torch's caching host allocator keeps the buffer until the copy is done)."""
+    wait (torch's caching host allocator keeps the buffer until the copy is done). Refused during
+    CUDA graph capture (CAPTURE_ERROR)."""
     pin = device.type == "cuda"
+    if pin and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(CAPTURE_ERROR)
     host = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.int64)
     if pin:
         host = host.pin_memory()

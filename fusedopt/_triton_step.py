@@ -12,23 +12,47 @@ import math
 import torch
 
 from fusedopt import clip as _clip
+from fusedopt import nonfinite as _nonfinite
 from fusedopt._multi_tensor import (DeviceInts, LaunchTable, norm_grid, tensors_fit_kernel,
                                      update_grid)
 
 
 class KernelClip:
-    """What every launch of one step needs to know about clipping."""
+    """What every launch of one step needs to know about clipping and its guard
+    (fusedopt.nonfinite.StepGuard: AMP scale, GradScaler's found-inf flag, inf/NaN detection).
 
-    def __init__(self, device, n_slots, norm_type, max_norm, max_value, num_partials):
+    ``partials``: ``n_slots`` blocks of ``num_partials`` norm partials, then as many inf/NaN
+    partials when detecting. ``out``: [total norm, skip flag], stored by the first update launch.
+    """
+
+    def __init__(self, device, n_slots, norm_type, max_norm, max_value, num_partials, guard):
         from fusedopt.kernels._common import NORM_INF, NORM_L2, NORM_NONE
         self.norm = NORM_NONE if max_norm is None else (NORM_INF if norm_type == math.inf else NORM_L2)
         self.max_norm = 0.0 if max_norm is None else max_norm
         self.value_clip = max_value is not None
         self.max_value = 0.0 if max_value is None else max_value
-        size = num_partials * n_slots if self.norm else 1
+        self.detect = guard.detect
+        self.n_partials = num_partials * n_slots
+        size = self.n_partials * (2 if self.detect else 1) if self.norm or self.detect else 1
         self.partials = torch.empty(size, dtype=torch.float32, device=device)
-        self.norm_out = torch.empty(1, dtype=torch.float32, device=device)
-        self.write_norm = True  # the first update launch stores the total norm
+        self.out = torch.empty(2, dtype=torch.float32, device=device)
+        self.inv_scale = None if guard.scale is None else guard.inv_scale(device).reshape(1)
+        self.found_in = None if guard.found_in is None else _as_kernel_scalar(guard.found_in, device)
+        self.skips = guard.skips
+        self.write_out = True  # the first update launch stores the total norm and the skip flag
+
+    def flags(self, slot: int, width: int):
+        """The inf/NaN partials of dtype group ``slot`` (a 1-slot dummy, never written, when not
+        detecting)."""
+        if not self.detect:
+            return self.partials[:1]
+        start = self.n_partials + slot * width
+        return self.partials[start:start + width]
+
+
+def _as_kernel_scalar(t: torch.Tensor, device) -> torch.Tensor:
+    """A GradScaler tensor as the kernels read it: 1-element fp32 on the device (no copy if it is)."""
+    return t.reshape(1).to(device=device, dtype=torch.float32, non_blocking=True)
 
 
 class GroupPlan:
@@ -77,7 +101,8 @@ def plan_key(opt, group, params):
             len(opt.state), opt.__dict__.get("_state_version", 0), opt._row_flags(group))
 
 
-def step_triton(opt, gathered) -> None:
+def step_triton(opt, gathered, guard):
+    """One step; returns the skip flag (0-dim fp32 on the device) when ``guard`` can skip."""
     from fusedopt.kernels._common import BLOCK_SIZE, NUM_PARTIALS
     from fusedopt.kernels.norm import norm_pass_
 
@@ -98,15 +123,15 @@ def step_triton(opt, gathered) -> None:
     fallback_params = [p for ps in fallback for p in ps]
     dtypes = list(dict.fromkeys(dt for plan in group_plans for dt in plan.by_dtype))
     if not dtypes:
-        return opt._step_torch(gathered)
+        return opt._step_torch(gathered, guard)
     device = next(entry[0][0].device for plan in group_plans for entry in plan.by_dtype.values())
     clipping = opt.max_grad_norm is not None
     clip = KernelClip(device, len(dtypes) + (1 if fallback_params else 0), opt.norm_type,
-                      opt.max_grad_norm, opt.max_grad_value, NUM_PARTIALS)
+                      opt.max_grad_norm, opt.max_grad_value, NUM_PARTIALS, guard)
 
     # 2. per dtype: the grad addresses of all param groups in one device array (one copy per
-    #    step), the norm pass over them (it also advances Adam's step counters), then one update
-    #    launch per param group reading its slice of the same array
+    #    step), the norm pass over them (it also advances Adam's step counters and looks for
+    #    inf/NaN), then one update launch per param group reading its slice of the same array
     updates = []
     for slot, dtype in enumerate(dtypes):
         parts = [(gi, plan.by_dtype[dtype]) for gi, plan in enumerate(group_plans)
@@ -120,31 +145,30 @@ def step_triton(opt, gathered) -> None:
             table.refresh(rows, numels, grads.tensor[offset:offset + len(ps)])
             updates.append((opt.param_groups[gi], table))
             offset += len(ps)
-        if clipping or opt._HAS_STEP:
+        if clipping or opt._HAS_STEP or clip.detect:
             table = _cached(tables, ("norm", dtype), LaunchTable, device, dtype, BLOCK_SIZE)
             if len(parts) == 1:
                 table.refresh(parts[0][1][2], parts[0][1][3], grads.tensor)
             else:
                 table.refresh([row for _, entry in parts for row in entry[2]],
                               [n for _, entry in parts for n in entry[3]], grads.tensor)
-            norm_pass_(table, clip.partials[slot * NUM_PARTIALS:(slot + 1) * NUM_PARTIALS], dtype,
-                       clip.norm, opt.max_grad_value, opt._HAS_STEP,
+            norm_pass_(table, clip, slot, dtype, opt.max_grad_value, opt._HAS_STEP,
                        norm_grid(device, table.n_blocks, NUM_PARTIALS))
-    if fallback_params and clipping:
-        _fallback_partial_(clip, fallback_params, opt, len(dtypes) * NUM_PARTIALS, NUM_PARTIALS)
+    if fallback_params:
+        _fallback_prepare_(clip, fallback_params, opt, guard, len(dtypes), NUM_PARTIALS)
 
     # 3. the updates, once every norm pass (and the torch-path share) is in the partials
     for group, table in updates:
         opt._launch_update_(group, table, clip, update_grid(device, table.n_blocks))
     if clipping:
-        opt.grad_norm = clip.norm_out[0]
+        opt.grad_norm = clip.out[0]
+    skip = clip.out[1] if clip.skips else None
 
-    # 4. the torch path for the rest, clipped by the same total norm
+    # 4. the torch path for the rest, clipped by the same total norm, skipped by the same flag
     if fallback_params:
-        if opt.max_grad_value is not None and not clipping:
-            _clip.clamp_grads_([p.grad for p in fallback_params], opt.max_grad_value)
-        scale = _clip.ClipScale(clip.norm_out[0], opt.max_grad_norm) if clipping else None
-        opt._step_torch_groups(fallback, scale)
+        scale = _clip.ClipScale(clip.out[0], opt.max_grad_norm) if clipping else None
+        opt._step_torch_groups(fallback, scale, skip)
+    return skip
 
 
 def _cached(tables, key, cls, *args):
@@ -155,13 +179,24 @@ def _cached(tables, key, cls, *args):
     return obj
 
 
-def _fallback_partial_(clip, params, opt, offset, width) -> None:
-    """The torch-path tensors' share of the norm, written as one more partials slot."""
+def _fallback_prepare_(clip, params, opt, guard, slot, width) -> None:
+    """The torch-path tensors' grads, made ready in place as the torch path does (unscaled, inf/NaN
+    checked, clamped), and their shares of the norm and of the inf/NaN check, written as one more
+    partials slot (``slot``) beside the kernels' ones."""
     grads = [p.grad for p in params]
+    device = clip.partials.device
+    if guard.scale is not None or guard.detect:
+        found = _nonfinite.unscale_and_check_(grads, _nonfinite.StepGuard(guard.scale, None, True),
+                                              device)
+        if clip.detect:
+            flags = clip.flags(slot, width)
+            flags.zero_()
+            flags[0] = torch.where(found != 0, float("nan"), 0.0)
     if opt.max_grad_value is not None:
-        _clip.clamp_grads_(grads, opt.max_grad_value)  # torch path: clamps .grad in place
-    norm = _clip.total_norm(grads, opt.norm_type, clip.partials.device).float()
-    share = norm * norm if opt.norm_type == 2.0 else norm
-    slot = clip.partials[offset:offset + width]
-    slot.zero_()
-    slot[0] = share
+        _clip.clamp_grads_(grads, opt.max_grad_value)
+    if clip.norm:
+        norm = _clip.total_norm(grads, opt.norm_type, device).float()
+        share = norm * norm if opt.norm_type == 2.0 else norm
+        partials = clip.partials[slot * width:(slot + 1) * width]
+        partials.zero_()
+        partials[0] = share

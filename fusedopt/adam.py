@@ -5,18 +5,22 @@ import math
 import torch
 
 from fusedopt._grouping import pick
+from fusedopt.nonfinite import keep_where
 from fusedopt.optimizer import (ClippedStep, class_doc, compute_dtype, host_float, kernel_lr,
                                 scalar_on, split_for_fused_op)
 from fusedopt.rules import adam_moments_rule, adam_param_rule
 
 
 def adam_torch_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, beta1, beta2,
-                weight_decay, eps, amsgrad, maximize, decoupled_weight_decay, grad_scale=None):
+                weight_decay, eps, amsgrad, maximize, decoupled_weight_decay, grad_scale=None,
+                found_inf=None):
     """One Adam/AdamW step over tensors of one (device, dtype): torch's fused Adam op where it is
     right (optimizer.split_for_fused_op), rules.adam_*_rule for the rest.
 
     ``steps`` are fp32 0-dim tensors on the params' device; they advance here. ``grad_scale``
     divides every gradient in the same pass that updates the parameter (and is written back).
+    ``found_inf`` (0-dim fp32, 0 or 1) skips everything on the device, step counters included,
+    as torch's fused Adam does under GradScaler.
     """
     vmax = max_exp_avg_sqs if amsgrad else [None] * len(params)
     fused, rest = split_for_fused_op(params, grads, exp_avgs, exp_avg_sqs, vmax)
@@ -24,40 +28,47 @@ def adam_torch_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *,
                  maximize=maximize, grad_scale=grad_scale)
     for i in rest:
         adam_rule_(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], vmax[i], steps[i],
-                   decoupled_weight_decay=decoupled_weight_decay, **hyper)
+                   decoupled_weight_decay=decoupled_weight_decay, found_inf=found_inf, **hyper)
     if fused:
-        torch._foreach_add_(pick(steps, fused), 1)
+        fused_steps = pick(steps, fused)
+        torch._foreach_add_(fused_steps, 1)
         op = torch._fused_adamw_ if decoupled_weight_decay else torch._fused_adam_
         op(pick(params, fused), pick(grads, fused), pick(exp_avgs, fused), pick(exp_avg_sqs, fused),
-           pick(vmax, fused) if amsgrad else [], pick(steps, fused), amsgrad=amsgrad,
-           found_inf=None, **hyper)
+           pick(vmax, fused) if amsgrad else [], fused_steps, amsgrad=amsgrad,
+           found_inf=found_inf, **hyper)
+        if found_inf is not None:
+            torch._foreach_sub_(fused_steps, [found_inf] * len(fused_steps))
 
 
 def adam_rule_(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, step, *, lr, beta1, beta2, weight_decay,
-               eps, maximize, decoupled_weight_decay, grad_scale=None):
+               eps, maximize, decoupled_weight_decay, grad_scale=None, found_inf=None):
     """One tensor through rules.adam_*_rule in fp32 (fp64 for fp64), any layout, with the fused
-    op's contract. Reads the step count on the host: one sync per call on a GPU (this path is
-    only for layouts the fused op gets wrong)."""
+    op's contract (``found_inf`` keeps every old value). Reads the step count on the host: one
+    sync per call on a GPU (this path is only for layouts the fused op gets wrong)."""
     acc = compute_dtype(p.dtype)
     g_acc = g.to(acc)
     if grad_scale is not None:
         g_acc = g_acc / grad_scale
         g.copy_(g_acc)
-    step += 1
-    t = float(step)
+    t = float(step) + 1.0
+    if found_inf is None:
+        step += 1
+    else:
+        step += 1.0 - found_inf
     x = p.to(acc)
     m, v = adam_moments_rule(x, g_acc, exp_avg.to(acc), exp_avg_sq.to(acc), beta1, beta2,
                              0.0 if decoupled_weight_decay else weight_decay, maximize)
     if max_exp_avg_sq is not None:
         v_hat = torch.maximum(max_exp_avg_sq.to(acc), v)
-        max_exp_avg_sq.copy_(v_hat)
+        max_exp_avg_sq.copy_(keep_where(found_inf, max_exp_avg_sq, v_hat))
     else:
         v_hat = v
     root = v_hat.sqrt()
-    p.copy_(adam_param_rule(x, m, root, 1.0 - lr * weight_decay if decoupled_weight_decay else 1.0,
-                            lr / (1 - beta1 ** t), math.sqrt(1 - beta2 ** t), eps))
-    exp_avg.copy_(m)
-    exp_avg_sq.copy_(v)
+    new_p = adam_param_rule(x, m, root, 1.0 - lr * weight_decay if decoupled_weight_decay else 1.0,
+                            lr / (1 - beta1 ** t), math.sqrt(1 - beta2 ** t), eps)
+    p.copy_(keep_where(found_inf, p, new_p))
+    exp_avg.copy_(keep_where(found_inf, exp_avg, m))
+    exp_avg_sq.copy_(keep_where(found_inf, exp_avg_sq, v))
 
 
 class _AdamStep(ClippedStep):
@@ -103,7 +114,7 @@ class _AdamStep(ClippedStep):
                      amsgrad=group["amsgrad"], maximize=group["maximize"],
                      decoupled_weight_decay=group["decoupled_weight_decay"], grid=grid)
 
-    def _update_(self, group, params, grads, grad_scale, device):
+    def _update_(self, group, params, grads, grad_scale, device, found_inf=None):
         amsgrad = group["amsgrad"]
         states = [self._state_for(p, amsgrad) for p in params]
         beta1, beta2 = group["betas"]
@@ -115,7 +126,7 @@ class _AdamStep(ClippedStep):
             lr=scalar_on(group["lr"], device), beta1=host_float(beta1), beta2=host_float(beta2),
             weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=amsgrad,
             maximize=group["maximize"], decoupled_weight_decay=group["decoupled_weight_decay"],
-            grad_scale=grad_scale)
+            grad_scale=grad_scale, found_inf=found_inf)
 
 
 _MATH = r"""            & g \leftarrow -g \text{ if maximize}; \quad
@@ -145,8 +156,9 @@ class Adam(_AdamStep, torch.optim.Adam):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False,
                  *, foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
                  decoupled_weight_decay=False,
-                 max_grad_norm=None, norm_type=2.0, max_grad_value=None, backend=None):
-        self._init_clip(max_grad_norm, norm_type, max_grad_value, backend)
+                 max_grad_norm=None, norm_type=2.0, max_grad_value=None, nonfinite="propagate",
+                 backend=None):
+        self._init_clip(max_grad_norm, norm_type, max_grad_value, nonfinite, backend)
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable, differentiable=differentiable,
                          fused=fused, decoupled_weight_decay=decoupled_weight_decay)
@@ -167,8 +179,9 @@ class AdamW(_AdamStep, torch.optim.AdamW):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
                  differentiable=False, fused=None,
-                 max_grad_norm=None, norm_type=2.0, max_grad_value=None, backend=None):
-        self._init_clip(max_grad_norm, norm_type, max_grad_value, backend)
+                 max_grad_norm=None, norm_type=2.0, max_grad_value=None, nonfinite="propagate",
+                 backend=None):
+        self._init_clip(max_grad_norm, norm_type, max_grad_value, nonfinite, backend)
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
                          foreach=foreach, capturable=capturable, differentiable=differentiable,
                          fused=fused)

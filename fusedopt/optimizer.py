@@ -8,11 +8,13 @@ gather the (param, grad) pairs of every group, value-clamp, take the global norm
 import torch
 
 from fusedopt import clip as _clip
+from fusedopt import nonfinite as _nonfinite
 from fusedopt._dispatch import check_backend, choose_backend
 from fusedopt._grouping import group_by_device_dtype, pick
 
 # Instance attributes that torch.optim.Optimizer.__getstate__ would drop (pickle, deepcopy).
-_OWN_ATTRS = ("max_grad_norm", "norm_type", "max_grad_value", "backend", "grad_norm")
+_OWN_ATTRS = ("max_grad_norm", "norm_type", "max_grad_value", "nonfinite", "backend", "grad_norm",
+              "step_skipped")
 
 
 def scalar_on(value, device: torch.device):
@@ -80,13 +82,20 @@ def class_doc(summary: str, update_math: str, args: str, name: str, state_note: 
         norm_type (float): 2.0 (default) or ``float('inf')``.
         max_grad_value (float, optional): clamp every gradient element to ``[-v, v]`` first, as
             ``clip_grad_value_``.
+        nonfinite (str): what a step does with an inf or NaN gradient: ``"propagate"`` (default,
+            torch.optim's behaviour), ``"skip"`` (skip the whole update on the device, no host
+            sync: parameters, state and step counters stay as they were; ``step_skipped`` says
+            whether it happened) or ``"raise"`` (the same, then FloatingPointError; this one
+            syncs). Under a GradScaler, the scaler's own skip applies instead.
         backend (str, optional): ``"torch"``, ``"triton"`` or None: Triton for parameters on one
             CUDA device when triton imports, else torch (fusedopt/_dispatch.py).
 
     Differences from torch.optim.{name}:
         clipping happens inside ``step``, over every param with a grad in every group, and
         ``grad_norm`` holds the pre-clip total norm (a 0-dim tensor on the params' device, None
-        until a step with ``max_grad_norm`` set).{state_note} The Triton backend never writes
+        until a step with ``max_grad_norm`` set). ``step_skipped`` is the last step's skip flag (a
+        0-dim fp32 tensor on the device, 1.0 when skipped) when it could skip (a GradScaler, or
+        ``nonfinite`` other than "propagate"), else None.{state_note} The Triton backend never writes
         ``.grad``: after ``step`` it holds the unclipped gradient. The torch backend leaves the
         clipped gradient there, as ``clip_grad_value_``/``clip_grad_norm_`` do.
     """
@@ -100,17 +109,21 @@ class ClippedStep:
     group of one param group.
     """
 
-    def _init_clip(self, max_grad_norm, norm_type, max_grad_value, backend) -> None:
+    def _init_clip(self, max_grad_norm, norm_type, max_grad_value, nonfinite, backend) -> None:
         self.max_grad_norm = _clip.check_positive("max_grad_norm", max_grad_norm)
         self.norm_type = _clip.check_norm_type(norm_type)
         self.max_grad_value = _clip.check_positive("max_grad_value", max_grad_value)
+        self.nonfinite = _nonfinite.check_policy(nonfinite)
         self.backend = check_backend(backend)
         self.grad_norm: torch.Tensor | None = None
+        self.step_skipped: torch.Tensor | None = None
+
+    # GradScaler.step hands this step grad_scale and found_inf instead of unscaling the grads
+    # itself and syncing to decide whether to call step (nonfinite.StepGuard.for_step). A class
+    # attribute, so that it survives pickling (torch sets it per instance, for fused=True only).
+    _step_supports_amp_scaling = True
 
     def _after_torch_init(self) -> None:
-        # torch sets this for fused=True, and GradScaler would then hand grad_scale/found_inf to
-        # step(), which this step does not take yet: GradScaler must unscale_ and check infs itself.
-        self._step_supports_amp_scaling = False
         devices = {p.device for g in self.param_groups for p in g["params"]}
         choose_backend(self.backend, devices)  # fail at construction, not at the first step
 
@@ -160,6 +173,12 @@ class ClippedStep:
 
     # -- the step -------------------------------------------------------------------------------
 
+    # torch.compile(opt.step), or a compiled function that calls it, runs this step eagerly: it is
+    # already one norm pass and one update launch per (param group, dtype), and tracing it would
+    # bake in the tensor addresses of its cached launch tables. torch._disable_dynamo is
+    # torch.compiler.disable importing torch._dynamo at the first step rather than at import (as
+    # torch.optim's zero_grad does): importing fusedopt stays free of it and of Triton.
+    @torch._disable_dynamo
     @torch.no_grad()
     def step(self, closure=None):
         """Value clamp -> global-norm clip -> update, over every param with a grad in every group.
@@ -170,37 +189,50 @@ class ClippedStep:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        guard = _nonfinite.StepGuard.for_step(self)
         gathered = self._gather()
         params = [p for ps in gathered for p in ps]
+        self._nonfinite_where = None
         if params and choose_backend(self.backend, {p.device for p in params}) == "triton":
             from fusedopt._triton_step import step_triton
-            step_triton(self, gathered)
+            self.step_skipped = step_triton(self, gathered, guard)
         else:
-            self._step_torch(gathered)
+            self.step_skipped = self._step_torch(gathered, guard)
+        if guard.policy == "raise" and self.step_skipped is not None and bool(self.step_skipped):
+            # the Triton path never writes .grad, so the culprit can be found after the step
+            where = self._nonfinite_where
+            _nonfinite.raise_nonfinite(self, _nonfinite.culprit(self) if where is None else where)
         return loss
 
-    def _step_torch(self, gathered: list[list[torch.Tensor]]) -> None:
-        """The torch path: clamp .grad in place, take the norm, fold the clip into the update."""
+    def _step_torch(self, gathered: list[list[torch.Tensor]], guard) -> torch.Tensor | None:
+        """The torch path: unscale and check .grad in place (under a guard), clamp it in place,
+        take the norm, fold the clip into the update. Returns the step's skip flag, or None."""
         params = [p for ps in gathered for p in ps]
         grads = [p.grad for p in params]
+        first = params[0] if params else next(
+            (p for g in self.param_groups for p in g["params"]), torch.empty(0))
+        skip = _nonfinite.unscale_and_check_(grads, guard, first.device) if guard.active else None
+        if guard.policy == "raise" and bool(skip):
+            self._nonfinite_where = _nonfinite.culprit(self)  # before the clamp makes an inf finite
         if self.max_grad_value is not None:
             _clip.clamp_grads_(grads, self.max_grad_value)
         clip = None
         if self.max_grad_norm is not None:
-            first = params[0] if params else next(
-                (p for g in self.param_groups for p in g["params"]), torch.empty(0))
             self.grad_norm = _clip.total_norm(grads, self.norm_type, first.device)
             clip = _clip.ClipScale(self.grad_norm, self.max_grad_norm)
-        self._step_torch_groups(gathered, clip)
+        self._step_torch_groups(gathered, clip, skip)
+        return skip
 
-    def _step_torch_groups(self, gathered, clip) -> None:
-        """The torch-path update of ``gathered`` (per param group), one call per (device, dtype)."""
+    def _step_torch_groups(self, gathered, clip, skip) -> None:
+        """The torch-path update of ``gathered`` (per param group), one call per (device, dtype);
+        ``skip`` (a 0-dim 0/1 flag, or None) skips it on the device."""
         for group, group_params in zip(self.param_groups, gathered):
             for (device, dtype), idx in group_by_device_dtype(group_params).items():
                 ps = pick(group_params, idx)
                 gs = [p.grad for p in ps]
                 grad_scale = clip.grad_scale_for(gs, device, dtype) if clip is not None else None
-                self._update_(group, ps, gs, grad_scale, device)
+                found_inf = None if skip is None else scalar_on(skip, device)
+                self._update_(group, ps, gs, grad_scale, device, found_inf)
 
     # -- state bookkeeping for the Triton backend's cached tables ---------------------------------
 
@@ -220,5 +252,5 @@ class ClippedStep:
         return state
 
     def __repr__(self) -> str:
-        settings = ", ".join(f"{k}={getattr(self, k)!r}" for k in _OWN_ATTRS[:4])
+        settings = ", ".join(f"{k}={getattr(self, k)!r}" for k in _OWN_ATTRS[:5])
         return f"fusedopt.{super().__repr__()[:-1]}{settings}\n)"

@@ -3,6 +3,7 @@ import torch
 from torch.optim.sgd import sgd as torch_sgd  # the functional SGD behind torch.optim.SGD
 
 from fusedopt._grouping import pick
+from fusedopt.nonfinite import keep_where
 from fusedopt.optimizer import (ClippedStep, class_doc, compute_dtype, host_float, kernel_lr,
                                 scalar_on, split_for_fused_op)
 from fusedopt.rules import sgd_rule
@@ -16,54 +17,68 @@ _CPU_FUSED_BROKEN = (torch.bfloat16, torch.float16)
 
 
 def sgd_torch_(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov,
-               maximize, grad_scale=None):
+               maximize, grad_scale=None, found_inf=None):
     """One SGD step over tensors of one (device, dtype): torch._fused_sgd_ where it is right
     (optimizer.split_for_fused_op), rules.sgd_rule for the rest.
 
     ``momentum_buffers[i]`` is None where a param has no buffer yet (its first step with momentum):
     those take torch's first-step rule (buf = g) and their new buffers are written into the list
     (an empty list without momentum). ``grad_scale`` divides every gradient, which is written back.
+    ``found_inf`` (0-dim fp32, 0 or 1) skips the step on the device. A buffer made on a skipped
+    first step is zero-filled (torch's fused SGD leaves it uninitialized), so the next step's
+    ``b = mu * 0 + (1 - dampening) * g`` is torch's ``b = g`` unless dampening is set.
     """
     bufs = momentum_buffers if momentum != 0 else [None] * len(params)
     if params[0].device.type == "cpu" and params[0].dtype in _CPU_FUSED_BROKEN:
         return sgd_foreach_(params, grads, bufs, lr=lr, momentum=momentum, dampening=dampening,
                             weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
-                            grad_scale=grad_scale)
+                            grad_scale=grad_scale, found_inf=found_inf)
     fused, rest = split_for_fused_op(params, grads, bufs)
     hyper = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                 nesterov=nesterov, maximize=maximize, grad_scale=grad_scale)
+                 nesterov=nesterov, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)
     for i in rest:
         bufs[i] = sgd_rule_(params[i], grads[i], bufs[i], **hyper)
     if momentum == 0:
         if fused:
             torch._fused_sgd_(pick(params, fused), pick(grads, fused), [], is_first_step=False,
-                              found_inf=None, **hyper)
+                              **hyper)
         return
     new = [i for i in fused if bufs[i] is None]
     old = [i for i in fused if bufs[i] is not None]
     for i in new:
-        bufs[i] = torch.empty_like(grads[i])
+        bufs[i] = (torch.empty_like if found_inf is None else torch.zeros_like)(grads[i])
     for idx, first in ((old, False), (new, True)):
         if idx:
             torch._fused_sgd_(pick(params, idx), pick(grads, idx), pick(bufs, idx),
-                              is_first_step=first, found_inf=None, **hyper)
+                              is_first_step=first, **hyper)
 
 
 def sgd_foreach_(params, grads, bufs, *, lr, momentum, dampening, weight_decay, nesterov,
-                 maximize, grad_scale=None):
+                 maximize, grad_scale=None, found_inf=None):
     """torch.optim's own foreach SGD (torch.optim.sgd.sgd), for bf16/fp16 on CPU: the same numbers
     as torch.optim.SGD(foreach=True), at 10x the speed of the fp32 rule there (per-tensor fp32
-    copies took 2.3 s on GPT-2 in bf16). Takes any layout. The clip divides .grad first."""
+    copies took 2.3 s on GPT-2 in bf16). Takes any layout. The clip divides .grad first;
+    ``found_inf`` restores the old values afterwards (a new buffer: zeros, as in sgd_torch_)."""
     if grad_scale is not None:
         torch._foreach_div_(grads, grad_scale)
+    old = None if found_inf is None else [t.clone() for t in params + [b for b in bufs if b is not None]]
+    had_buf = [b is not None for b in bufs]
     torch_sgd(params, grads, bufs, foreach=True, weight_decay=weight_decay, momentum=momentum,
               lr=host_float(lr), dampening=dampening, nesterov=nesterov, maximize=maximize)
+    if old is not None:
+        olds = iter(old)
+        for p in params:
+            p.copy_(keep_where(found_inf, next(olds), p))
+        for b, had in zip(bufs, had_buf):
+            if b is not None:
+                b.copy_(keep_where(found_inf, next(olds) if had else torch.zeros_like(b), b))
 
 
 def sgd_rule_(p, g, buf, *, lr, momentum, dampening, weight_decay, nesterov, maximize,
-              grad_scale=None):
+              grad_scale=None, found_inf=None):
     """One tensor through rules.sgd_rule in fp32 (fp64 for fp64), any layout: the fused op's
-    contract (g divided by grad_scale and written back). Returns the buffer (new on a first step)."""
+    contract (g divided by grad_scale and written back; ``found_inf`` keeps the old values, a new
+    buffer zero). Returns the buffer (new on a first step)."""
     acc = compute_dtype(p.dtype)
     g_acc = g.to(acc)
     if grad_scale is not None:
@@ -74,12 +89,12 @@ def sgd_rule_(p, g, buf, *, lr, momentum, dampening, weight_decay, nesterov, max
                               torch.zeros_like(g_acc) if first or momentum == 0 else buf.to(acc),
                               lr, momentum, 0.0 if first or momentum == 0 else dampening,
                               weight_decay, nesterov, maximize)
-    p.copy_(new_p)
+    p.copy_(keep_where(found_inf, p, new_p))
     if momentum == 0:
         return None
     if first:
-        return new_buf.to(p.dtype)
-    buf.copy_(new_buf)
+        return keep_where(found_inf, torch.zeros_like(new_buf), new_buf).to(p.dtype)
+    buf.copy_(keep_where(found_inf, buf, new_buf))
     return buf
 
 
@@ -100,8 +115,9 @@ class SGD(ClippedStep, torch.optim.SGD):
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
                  maximize=False, foreach=None, differentiable=False, fused=None,
-                 max_grad_norm=None, norm_type=2.0, max_grad_value=None, backend=None):
-        self._init_clip(max_grad_norm, norm_type, max_grad_value, backend)
+                 max_grad_norm=None, norm_type=2.0, max_grad_value=None, nonfinite="propagate",
+                 backend=None):
+        self._init_clip(max_grad_norm, norm_type, max_grad_value, nonfinite, backend)
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize,
                          foreach=foreach, differentiable=differentiable, fused=fused)
         self._after_torch_init()
@@ -129,11 +145,12 @@ class SGD(ClippedStep, torch.optim.SGD):
                     dampening=group["dampening"], weight_decay=host_float(group["weight_decay"]),
                     nesterov=group["nesterov"], maximize=group["maximize"], grid=grid)
 
-    def _update_(self, group, params, grads, grad_scale, device):
+    def _update_(self, group, params, grads, grad_scale, device, found_inf=None):
         momentum = group["momentum"]
         buffers = [self.state[p].get("momentum_buffer") for p in params] if momentum != 0 else []
         sgd_torch_(params, grads, buffers, lr=scalar_on(group["lr"], device), momentum=momentum,
                    dampening=group["dampening"], weight_decay=host_float(group["weight_decay"]),
-                   nesterov=group["nesterov"], maximize=group["maximize"], grad_scale=grad_scale)
+                   nesterov=group["nesterov"], maximize=group["maximize"], grad_scale=grad_scale,
+                   found_inf=found_inf)
         for p, buf in zip(params, buffers):
             self.state[p]["momentum_buffer"] = buf

@@ -86,33 +86,60 @@ def total_norm(partials_ptr, n_partials, NORM: tl.constexpr, NUM_PARTIALS: tl.co
 
 
 @triton.jit
-def clip_coef(partials_ptr, n_partials, norm_out_ptr, write_norm, max_norm,
+def clip_coef(partials_ptr, n_partials, out_ptr, write_out, max_norm,
               NORM: tl.constexpr, NUM_PARTIALS: tl.constexpr):
     """clip_grad_norm_'s min(1, max_norm / (norm + 1e-6)), NaN kept; program 0 may store the norm."""
     norm = total_norm(partials_ptr, n_partials, NORM, NUM_PARTIALS)
-    if write_norm != 0:
+    if write_out != 0:
         if tl.program_id(0) == 0:
-            tl.store(norm_out_ptr, norm)
+            tl.store(out_ptr, norm)
     coef = max_norm / (norm + 1e-6)
     return tl.where(coef > 1.0, 1.0, coef)
 
 
+@triton.jit
+def step_guard(partials_ptr, n_partials, found_ptr, out_ptr, write_out,
+               FOUND_IN: tl.constexpr, DETECT: tl.constexpr, NUM_PARTIALS: tl.constexpr):
+    """This step's skip flag, 1.0 or 0.0: GradScaler's found_inf is set (FOUND_IN), or the norm
+    pass met an inf/NaN (DETECT: its inf/NaN partials, sums of g * 0, follow the norm partials and
+    are NaN exactly then). Every program of every launch of the step reads the same inputs, so
+    all skip or none; program 0 may store the flag (out_ptr[1])."""
+    flag = 0.0
+    if FOUND_IN:
+        flag = tl.where(tl.load(found_ptr) != 0, 1.0, 0.0)
+    if DETECT:
+        offs = tl.arange(0, NUM_PARTIALS)
+        acc = tl.zeros([NUM_PARTIALS], dtype=tl.float32)
+        for i in range(0, n_partials, NUM_PARTIALS):
+            acc += tl.load(partials_ptr + n_partials + i + offs)
+        bad = tl.sum(acc, axis=0)
+        flag = tl.where(bad != bad, 1.0, flag)
+    if write_out != 0:
+        if tl.program_id(0) == 0:
+            tl.store(out_ptr + 1, flag)
+    return flag
+
+
 def launch_update(kernel, table, clip, grid, lr, scalars, **flags):
-    """Launch an update kernel: the arguments every update kernel takes (tables, norm partials,
-    norm output, lr), then ``scalars`` (its own hyperparameters, in its argument order) and the
-    clip bounds, with its own constexpr ``flags`` beside the shared ones.
+    """Launch an update kernel: the arguments every update kernel takes (tables, partials, the
+    [norm, skip flag] output, lr, AMP inv-scale, GradScaler's found_inf), then ``scalars`` (its
+    own hyperparameters, in its argument order) and the clip bounds, with its own constexpr
+    ``flags`` beside the shared ones.
 
     ``lr`` is a float or a 1-element fp32 tensor on the device (read through a pointer: no sync,
     no recompile). ``clip`` is fusedopt._triton_step.KernelClip; only its first launch of a step
-    stores the total norm.
+    stores the norm and the flag. Pointers a variant never reads get ``clip.out`` as a stand-in.
     """
     lr_is_tensor = not isinstance(lr, float)
     kernel[(grid,)](
         table.rows, table.grads, table.block_tensor, table.block_index, clip.partials,
-        clip.norm_out, lr if lr_is_tensor else clip.norm_out, table.n_blocks,
-        clip.partials.numel(), int(clip.write_norm), 0.0 if lr_is_tensor else lr,
+        clip.out, lr if lr_is_tensor else clip.out,
+        clip.out if clip.inv_scale is None else clip.inv_scale,
+        clip.out if clip.found_in is None else clip.found_in, table.n_blocks, clip.n_partials,
+        int(clip.write_out), 0.0 if lr_is_tensor else lr,
         *(float(x) for x in scalars), clip.max_norm, clip.max_value,
         DTYPE=triton_dtype(table.dtype), NORM=clip.norm, VALUE_CLIP=clip.value_clip,
-        LR_FROM_PTR=lr_is_tensor, BLOCK=BLOCK_SIZE, NUM_PARTIALS=NUM_PARTIALS,
-        num_warps=NUM_WARPS, **flags)
-    clip.write_norm = False
+        UNSCALE=clip.inv_scale is not None, FOUND_IN=clip.found_in is not None,
+        DETECT=clip.detect, LR_FROM_PTR=lr_is_tensor, BLOCK=BLOCK_SIZE,
+        NUM_PARTIALS=NUM_PARTIALS, num_warps=NUM_WARPS, **flags)
+    clip.write_out = False

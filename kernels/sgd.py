@@ -4,7 +4,7 @@ written. Math: fusedopt/rules.sgd_rule. Torch twin: fusedopt/sgd.py."""
 import triton
 import triton.language as tl
 
-from fusedopt.kernels._common import clamp_value, clip_coef, jit_rule, launch_update
+from fusedopt.kernels._common import clamp_value, clip_coef, jit_rule, launch_update, step_guard
 from fusedopt.rules import sgd_rule
 
 sgd_rule_tl = jit_rule(sgd_rule)
@@ -15,12 +15,12 @@ ROW = tl.constexpr(4)
 
 
 @triton.jit
-def _sgd_block(p_ptr, g_ptr, buf_ptr, offs, n, coef, first, lr, momentum, dampening, weight_decay,
-               max_value, VALUE_CLIP: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
+def _sgd_block(p_ptr, g_ptr, buf_ptr, offs, n, coef, inv_scale, first, lr, momentum, dampening,
+               weight_decay, max_value, VALUE_CLIP: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
                NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, MASKED: tl.constexpr):
     """One block; MASKED only for a tensor's last, partial block (full blocks get 128-bit access)."""
     mask, other = (offs < n, 0.0) if MASKED else (None, None)
-    g = tl.load(g_ptr + offs, mask=mask, other=other).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask, other=other).to(tl.float32) * inv_scale
     g = clamp_value(g, max_value, VALUE_CLIP) * coef
     p = tl.load(p_ptr + offs, mask=mask, other=other).to(tl.float32)
     if HAS_MOMENTUM:
@@ -35,28 +35,38 @@ def _sgd_block(p_ptr, g_ptr, buf_ptr, offs, n, coef, first, lr, momentum, dampen
     tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["n_blocks", "n_partials", "write_norm"])
+@triton.jit(do_not_specialize=["n_blocks", "n_partials", "write_out"])
 def _sgd_kernel(
     table_ptr,         # int64 [n_tensors, 4]: param and buffer addresses, numel, first-step flag
     grad_ptrs_ptr,     # int64 [n_tensors]: grad addresses (they change every step: their own copy)
     block_tensor_ptr,  # int32 [n_blocks]: the tensor of each block
     block_index_ptr,   # int32 [n_blocks]: the block's index inside its tensor
-    partials_ptr,      # fp32 [n_partials]: every dtype group's norm partials (NORM != 0)
-    norm_out_ptr,      # fp32 [1]: the total norm, stored by program 0 when write_norm
+    partials_ptr,      # fp32: every dtype group's norm partials (NORM), then inf/NaN ones (DETECT)
+    out_ptr,           # fp32 [2]: total norm, skip flag; stored by program 0 when write_out
     lr_ptr,            # fp32 [1]: a Tensor lr (LR_FROM_PTR)
-    n_blocks, n_partials, write_norm,
+    inv_scale_ptr,     # fp32 [1]: 1 / GradScaler's scale (UNSCALE)
+    found_ptr,         # fp32 [1]: GradScaler's found_inf (FOUND_IN)
+    n_blocks, n_partials, write_out,
     lr,                # float lr (not LR_FROM_PTR)
     momentum, dampening, weight_decay,
     max_norm,          # clip_grad_norm_'s max_norm (NORM != 0)
     max_value,         # clip_grad_value_'s bound (VALUE_CLIP)
-    DTYPE: tl.constexpr, NORM: tl.constexpr, VALUE_CLIP: tl.constexpr,
+    DTYPE: tl.constexpr, NORM: tl.constexpr, VALUE_CLIP: tl.constexpr, UNSCALE: tl.constexpr,
+    FOUND_IN: tl.constexpr, DETECT: tl.constexpr, LR_FROM_PTR: tl.constexpr,
+    BLOCK: tl.constexpr, NUM_PARTIALS: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
-    LR_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr, NUM_PARTIALS: tl.constexpr,
 ):
     coef = 1.0
     if NORM != 0:
-        coef = clip_coef(partials_ptr, n_partials, norm_out_ptr, write_norm, max_norm, NORM,
+        coef = clip_coef(partials_ptr, n_partials, out_ptr, write_out, max_norm, NORM,
                          NUM_PARTIALS)
+    skip = 0.0
+    if FOUND_IN or DETECT:
+        skip = step_guard(partials_ptr, n_partials, found_ptr, out_ptr, write_out, FOUND_IN,
+                          DETECT, NUM_PARTIALS)
+    inv_scale = 1.0
+    if UNSCALE:
+        inv_scale = tl.load(inv_scale_ptr)
     if LR_FROM_PTR:
         lr = tl.load(lr_ptr).to(tl.float32)
     for b in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
@@ -69,12 +79,18 @@ def _sgd_kernel(
         buf_ptr = tl.multiple_of(tl.load(row + BUF).to(tl.pointer_type(DTYPE)), 16)
         first = tl.load(row + FIRST)
         offs = start + tl.arange(0, BLOCK)
-        if start + BLOCK <= n:
-            _sgd_block(p_ptr, g_ptr, buf_ptr, offs, n, coef, first, lr, momentum, dampening,
-                       weight_decay, max_value, VALUE_CLIP, HAS_MOMENTUM, NESTEROV, MAXIMIZE, False)
+        if skip != 0:
+            if HAS_MOMENTUM:
+                if first != 0:  # a buffer made for a skipped first step: zeros, not garbage
+                    tl.store(buf_ptr + offs, tl.zeros([BLOCK], dtype=DTYPE), mask=offs < n)
+        elif start + BLOCK <= n:
+            _sgd_block(p_ptr, g_ptr, buf_ptr, offs, n, coef, inv_scale, first, lr, momentum,
+                       dampening, weight_decay, max_value, VALUE_CLIP, HAS_MOMENTUM, NESTEROV,
+                       MAXIMIZE, False)
         else:
-            _sgd_block(p_ptr, g_ptr, buf_ptr, offs, n, coef, first, lr, momentum, dampening,
-                       weight_decay, max_value, VALUE_CLIP, HAS_MOMENTUM, NESTEROV, MAXIMIZE, True)
+            _sgd_block(p_ptr, g_ptr, buf_ptr, offs, n, coef, inv_scale, first, lr, momentum,
+                       dampening, weight_decay, max_value, VALUE_CLIP, HAS_MOMENTUM, NESTEROV,
+                       MAXIMIZE, True)
 
 
 def sgd_triton_(table, clip, *, lr, momentum, dampening, weight_decay, nesterov, maximize, grid):

@@ -25,37 +25,45 @@ from fusedopt.kernels.sgd import _sgd_kernel
 
 TABLES = {"table_ptr": "*i64", "grad_ptrs_ptr": "*i64", "block_tensor_ptr": "*i32",
           "block_index_ptr": "*i32"}
-NORM_SIG = {**TABLES, "partials_ptr": "*fp32", "n_blocks": "i32", "max_value": "fp32"}
-UPDATE_SIG = {**TABLES, "partials_ptr": "*fp32", "norm_out_ptr": "*fp32", "lr_ptr": "*fp32",
-              "n_blocks": "i32", "n_partials": "i32", "write_norm": "i32", "lr": "fp32"}
+NORM_SIG = {**TABLES, "partials_ptr": "*fp32", "flags_ptr": "*fp32", "inv_scale_ptr": "*fp32",
+            "n_blocks": "i32", "max_value": "fp32"}
+UPDATE_SIG = {**TABLES, "partials_ptr": "*fp32", "out_ptr": "*fp32", "lr_ptr": "*fp32",
+              "inv_scale_ptr": "*fp32", "found_ptr": "*fp32", "n_blocks": "i32",
+              "n_partials": "i32", "write_out": "i32", "lr": "fp32"}
 SGD_SIG = {**UPDATE_SIG, "momentum": "fp32", "dampening": "fp32", "weight_decay": "fp32",
            "max_norm": "fp32", "max_value": "fp32"}
 ADAM_SIG = {**UPDATE_SIG, "beta1": "fp32", "beta2": "fp32", "eps": "fp32", "weight_decay": "fp32",
             "max_norm": "fp32", "max_value": "fp32"}
 SIZES = dict(BLOCK=_common.BLOCK_SIZE, NUM_PARTIALS=_common.NUM_PARTIALS)
 L2, INF = _common.NORM_L2, _common.NORM_INF
+NO_GUARD = dict(UNSCALE=False, FOUND_IN=False, DETECT=False)
+AMP_FUSED = dict(UNSCALE=True, FOUND_IN=False, DETECT=True)  # fusedopt.GradScaler
+AMP_TORCH = dict(UNSCALE=True, FOUND_IN=True, DETECT=False)  # torch.amp.GradScaler
 
 
-def sgd(dtype, norm, value, momentum, nesterov, maximize, lr_ptr):
+def sgd(dtype, norm, value, momentum, nesterov, maximize, lr_ptr, guard=NO_GUARD):
     return (_sgd_kernel, SGD_SIG, dict(DTYPE=dtype, NORM=norm, VALUE_CLIP=value, HAS_MOMENTUM=momentum,
-                                       NESTEROV=nesterov, MAXIMIZE=maximize, LR_FROM_PTR=lr_ptr, **SIZES))
+                                       NESTEROV=nesterov, MAXIMIZE=maximize, LR_FROM_PTR=lr_ptr,
+                                       **guard, **SIZES))
 
 
-def adam(dtype, norm, value, amsgrad, maximize, decoupled, lr_ptr):
+def adam(dtype, norm, value, amsgrad, maximize, decoupled, lr_ptr, guard=NO_GUARD):
     return (_adam_kernel, ADAM_SIG, dict(DTYPE=dtype, NORM=norm, VALUE_CLIP=value, AMSGRAD=amsgrad,
                                          MAXIMIZE=maximize, DECOUPLED=decoupled, LR_FROM_PTR=lr_ptr,
-                                         **SIZES))
+                                         **guard, **SIZES))
 
 
-def norm(dtype, kind, value, has_step, row):
+def norm(dtype, kind, value, has_step, row, unscale=False, detect=False):
     return (_norm_kernel, NORM_SIG, dict(DTYPE=dtype, ROW=row, NORM=kind, VALUE_CLIP=value,
-                                         HAS_STEP=has_step, **SIZES))
+                                         HAS_STEP=has_step, UNSCALE=unscale, DETECT=detect, **SIZES))
 
 
 VARIANTS = {
     "norm-fp32-l2-value-step": norm(tl.float32, L2, True, True, 2),
     "norm-bf16-inf": norm(tl.bfloat16, INF, False, False, 1),
     "norm-fp32-steps-only": norm(tl.float32, _common.NORM_NONE, False, True, 2),
+    "norm-fp32-l2-amp-detect": norm(tl.float32, L2, False, True, 2, unscale=True, detect=True),
+    "norm-fp16-detect-only": norm(tl.float16, _common.NORM_NONE, False, False, 1, detect=True),
     "sgd-fp32-all-flags": sgd(tl.float32, L2, True, True, True, True, True),
     "sgd-fp32-plain": sgd(tl.float32, _common.NORM_NONE, False, False, False, False, False),
     "sgd-bf16-momentum-inf": sgd(tl.bfloat16, INF, False, True, False, False, False),
@@ -63,6 +71,13 @@ VARIANTS = {
     "adam-fp32-plain": adam(tl.float32, _common.NORM_NONE, False, False, False, False, False),
     "adamw-bf16-clip": adam(tl.bfloat16, L2, False, False, False, True, False),
     "adam-fp16-amsgrad": adam(tl.float16, INF, True, True, False, False, False),
+    "adamw-fp32-clip-amp-fused": adam(tl.float32, L2, False, False, False, True, False, AMP_FUSED),
+    "adam-bf16-amp-torch": adam(tl.bfloat16, _common.NORM_NONE, False, False, False, False, True,
+                                AMP_TORCH),
+    "sgd-fp32-momentum-clip-amp-fused": sgd(tl.float32, L2, False, True, False, False, False,
+                                            AMP_FUSED),
+    "sgd-fp16-all-guards": sgd(tl.float16, INF, True, True, True, True, True,
+                               dict(UNSCALE=True, FOUND_IN=True, DETECT=True)),
 }
 ARCHS = (80, 90)
 

@@ -5,9 +5,11 @@ fusedopt's torch path runs torch's fused optimizer ops and folds the clip coeffi
 optimizer + clip_grad_norm_ it differs by a few fp32 ulps per step; over 7 steps that stays under
 rtol 1e-5. In fp64 the clip is the same multiply as torch's and only op order differs.
 """
+import contextlib
 import math
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -36,3 +38,37 @@ def assert_close(actual, expected, dtype=None, **kw):
     tol = dict(TOL[dtype or expected.dtype])
     tol.update(kw)
     torch.testing.assert_close(actual, expected, equal_nan=True, **tol)
+
+
+class LaunchCounter:
+    """Wraps a kernel: counts launches (``kernel[grid](...)``) and forwards them, each inside the
+    context ``around()`` when given."""
+
+    def __init__(self, kernel, counts, name, around=None):
+        self.kernel, self.counts, self.name, self.around = kernel, counts, name, around
+
+    def __getitem__(self, grid):
+        self.counts[self.name] = self.counts.get(self.name, 0) + 1
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            with (self.around or contextlib.nullcontext)():
+                return launch(*args, **kwargs)
+        return run
+
+
+def wrap_kernels(monkeypatch, counts, around=None):
+    """Put a LaunchCounter around each of fusedopt's kernels."""
+    import fusedopt.kernels.adam as adam
+    import fusedopt.kernels.norm as norm
+    import fusedopt.kernels.sgd as sgd
+    for module, attr in ((norm, "_norm_kernel"), (sgd, "_sgd_kernel"), (adam, "_adam_kernel")):
+        monkeypatch.setattr(module, attr, LaunchCounter(getattr(module, attr), counts, attr, around))
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Kernel name -> launches since the last ``clear()``."""
+    counts = {}
+    wrap_kernels(monkeypatch, counts)
+    return counts

@@ -26,6 +26,12 @@ TRAFFIC = {
     "adam-fp32-plain": (4, 3, 4),
     "adamw-bf16-clip": (4, 3, 2),
     "adam-fp16-amsgrad": (5, 4, 2),
+    "norm-fp32-l2-amp-detect": (1, 0, 4),
+    "norm-fp16-detect-only": (1, 0, 2),
+    "adamw-fp32-clip-amp-fused": (4, 3, 4),
+    "adam-bf16-amp-torch": (4, 3, 2),
+    "sgd-fp32-momentum-clip-amp-fused": (3, 2, 4),
+    "sgd-fp16-all-guards": (3, 2, 2),
 }
 ARCHS = ("sm_80", "sm_90")
 ELEMENTS_PER_THREAD = 8  # BLOCK_SIZE 1024 / (4 warps x 32 threads)
