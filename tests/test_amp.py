@@ -262,3 +262,32 @@ def test_grad_reads_per_step_under_amp(launches, scaler, inf_checks):
         assert counter.calls.get("_amp_foreach_non_finite_check_and_unscale_", 0) == inf_checks
         assert not {"_foreach_norm", "linalg_vector_norm", "_foreach_mul_", "_foreach_div_"} & set(
             counter.calls), counter.calls
+
+
+@pytest.mark.parametrize("where", ["kernel tensor", "torch-path tensor"])
+def test_tensors_the_kernels_cannot_take_share_the_skip(where):
+    """On the Triton backend an fp64 param takes the torch path; an inf in its grad skips the
+    kernels' tensors too, and an inf in a kernel tensor skips it: one step, one decision. The
+    good steps around it equal the torch backend under fusedopt.GradScaler."""
+    def build(backend):
+        params = on_device(make_params(SHAPES, torch.float32)) + on_device(
+            make_params([(33,)], torch.float64, seed=4))
+        return params, fusedopt.AdamW(params, lr=0.01, max_grad_norm=1.0, backend=backend)
+    (tri_p, tri), (ref_p, ref) = build("triton"), build("torch")
+    scalers = [fusedopt.GradScaler(DEVICE, init_scale=64.0) for _ in range(2)]
+    for step in range(3):
+        for params, opt, scaler in ((tri_p, tri, scalers[0]), (ref_p, ref, scalers[1])):
+            coefs = [c.to(DEVICE) for c in make_grads(params, step)]
+            if step == 1:
+                coefs[-1 if where == "torch-path tensor" else 0].view(-1)[0] = math.inf
+            opt.zero_grad()
+            scaler.scale(loss_of(params, coefs)).backward()
+            before = [p.detach().clone() for p in params]
+            scaler.step(opt)
+            scaler.update()
+            assert float(opt.step_skipped) == float(step == 1)
+            if step == 1:
+                assert all(torch.equal(p, b) for p, b in zip(params, before))
+        for r, t in zip(ref_p, tri_p):
+            assert_close(t, r, torch.float32)
+    assert scalers[0].get_scale() == scalers[1].get_scale() == 32.0
