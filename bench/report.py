@@ -53,14 +53,14 @@ def markdown(meta: dict, results: list[dict]) -> str:
             f"{r['launches']['kernels']}+{r['launches']['copies']}"
         lines.append(
             f"| {r['shapes']} ({r['tensors']} t, {r['numel'] / 1e6:.1f}M) | {r['dtype']} | "
-            f"{'on' if r['clip'] else 'off'} | {r['optimizer']} | {r['impl']} | "
+            f"{r['clip']} | {r['optimizer']} | {r['impl']} | "
             f"{r['median_ms']:.3f} | {r['p10_ms']:.3f}-{r['p90_ms']:.3f} | {r['gb_per_s']:.1f} | "
             f"{r['pct_of_copy']:.0f}% | {launches} | {_fmt(r['host_ms'], '.3f')} | "
             f"{r['speedup_vs_best_torch']:.2f}x |")
     lines += ["", "## fusedopt against the best torch recipe", ""]
     for r in results:
         if r["impl"].startswith("fusedopt"):
-            lines.append(f"- {r['shapes']} {r['dtype']} clip {'on' if r['clip'] else 'off'} "
+            lines.append(f"- {r['shapes']} {r['dtype']} clip {r['clip']} "
                          f"{r['optimizer']}, {r['impl']}: **{r['speedup_vs_best_torch']:.2f}x** "
                          f"({r['best_torch_impl']} {r['best_torch_ms']:.3f} ms -> "
                          f"{r['median_ms']:.3f} ms)")
@@ -95,7 +95,7 @@ def chart(path, meta: dict, results: list[dict]) -> bool:
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(workloads)))
     short = {"float32": "fp32", "bfloat16": "bf16"}
-    ax.set_xticklabels([f"{s}\n{short.get(d, d)} {o}\nclip {'on' if c else 'off'}"
+    ax.set_xticklabels([f"{s}\n{short.get(d, d)} {o}\nclip {c}"
                         for s, d, c, o in workloads], fontsize=7)
     ax.set_ylabel("speedup vs best torch recipe (x)")
     ax.set_title(f"fusedopt step vs torch.optim + clip_grad_norm_\n{meta['device']}, "

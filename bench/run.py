@@ -5,6 +5,7 @@ best torch recipe, on this machine, and how close is it to what the memory syste
     python bench/run.py --quick      # < 3 min on one GPU, < 5 min on 2 CPU cores
     python bench/run.py --compile    # also torch.compile of the torch recipe (compiling is slow)
     python bench/run.py --shapes smoke --optimizers sgd --dtypes float32 --steps 3
+    python bench/run.py --clip amp   # under a GradScaler: unscale_ + clip + step vs fusedopt's
 
 Every implementation runs in the same process on fresh copies of the same tensors: torch.optim
 for-loop, foreach and fused, each followed by clip_grad_norm_(foreach=True) when clipping, and
@@ -26,6 +27,10 @@ import report
 import shapes
 
 MAX_NORM = 1.0  # clip_grad_norm_(params, 1.0): random grads have norms >> 1, so it clips
+# --clip modes: off (update only), on (clip_grad_norm_ + update), amp (GradScaler: torch recipes
+# unscale_ + clip_grad_norm_ + scaler.step; fusedopt: fusedopt.GradScaler.step, clip inside)
+CLIP_MODES = ("off", "on", "amp")
+AMP_SCALE = 2.0 ** 16  # GradScaler's default init_scale; the random grads count as scaled by it
 
 # name -> (torch class, fusedopt class, hyperparameters shared by every implementation)
 OPTIMIZERS = {
@@ -42,14 +47,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # (device type, quick) -> the matrix run by default
 DEFAULTS = {
     ("cpu", True): dict(shapes="gpt2-small,resnet50,many-small", optimizers="sgd,adamw",
-                        dtypes="float32,bfloat16", clip="on", steps=5, warmup=1),
+                        dtypes="float32,bfloat16", clip="on,amp", steps=5, warmup=1),
     ("cpu", False): dict(shapes="gpt2-small,resnet50,many-small", optimizers="sgd,adam,adamw",
-                         dtypes="float32,bfloat16", clip="on,off", steps=10, warmup=3),
+                         dtypes="float32,bfloat16", clip="on,off,amp", steps=10, warmup=3),
     ("cuda", True): dict(shapes="gpt2-small,llama-1b,resnet50,many-small", optimizers="sgd,adamw",
-                         dtypes="float32,bfloat16", clip="on", steps=20, warmup=3),
+                         dtypes="float32,bfloat16", clip="on,amp", steps=20, warmup=3),
     ("cuda", False): dict(shapes="gpt2-small,llama-1b,resnet50,many-small",
-                          optimizers="sgd,adam,adamw", dtypes="float32,bfloat16", clip="on,off",
-                          steps=50, warmup=5),
+                          optimizers="sgd,adam,adamw", dtypes="float32,bfloat16",
+                          clip="on,off,amp", steps=50, warmup=5),
 }
 
 
@@ -60,7 +65,7 @@ def impls_for(device: torch.device, compile_: bool) -> tuple[str, ...]:
     return TORCH_IMPLS + ((COMPILED,) if compile_ else ()) + OUR_IMPLS[:2 if triton_ok else 1]
 
 
-def bytes_per_element(opt: str, impl: str, elt_size: int, clip: bool) -> int:
+def bytes_per_element(opt: str, impl: str, elt_size: int, clip: str) -> int:
     """Bytes one step moves per parameter element: whole-tensor reads + writes, x ``elt_size``.
 
     Counted from the kernels each implementation runs (torch 2.13: torch/optim/{sgd,adam}.py,
@@ -89,35 +94,66 @@ def bytes_per_element(opt: str, impl: str, elt_size: int, clip: bool) -> int:
     foreach-or-for-loop / fused / fusedopt torch / fusedopt triton: fp32 AdamW is 92 / 40 / 36 /
     32 bytes per element (DESIGN.md's budget: 40 -> 32). torch.compile is counted as the fused
     recipe: what Inductor really fuses is not known here, so its GB/s is a lower bound.
+
+    AMP (clip "amp"). torch recipes: scaler.unscale_ reads and writes g (2) before the clip; the
+    scaler's step adds no pass for a non-fused optimizer (it reads found_inf on the host) and, for
+    fused=True, none either (unscale_ already recorded found_inf). fusedopt with fusedopt.GradScaler:
+    Triton: the norm pass also unscales and finds infs, nothing more (fp32 AdamW: 32 bytes vs 48
+    for fused + unscale_ + clip); torch path: GradScaler's own unscale-and-check op (2).
     """
     ours = impl in OUR_IMPLS
-    clip_elems = (1 if ours else 3) if clip else 0
+    clip_elems = (1 if ours else 3) if clip != "off" else 0
+    if clip == "amp" and impl != "fusedopt (triton)":
+        clip_elems += 2
     fused_like = impl in ("torch fused", COMPILED) or ours
     if opt == "sgd":
         update = 5 if fused_like else 8
     else:
         update = 7 if fused_like else (20 if opt == "adamw" else 18)
-    if impl == "fusedopt (torch)" and clip:
+    if impl == "fusedopt (torch)" and clip != "off":
         update += 1  # the clipped g written back
     return (clip_elems + update) * elt_size
 
 
-def make_step(opt: str, impl: str, params: list[torch.Tensor], clip: bool):
-    """One step of ``impl`` over ``params`` (their .grad set), clip included when ``clip``."""
+def make_step(opt: str, impl: str, params: list[torch.Tensor], clip: str):
+    """One step of ``impl`` over ``params`` (their .grad set) in ``clip`` mode (CLIP_MODES)."""
     torch_cls, our_cls, hyper = OPTIMIZERS[opt]
+    device = params[0].device
     if impl in OUR_IMPLS:
         backend = impl.split("(")[1].rstrip(")")
-        return our_cls(params, **hyper, max_grad_norm=MAX_NORM if clip else None,
-                       backend=backend).step
+        optimizer = our_cls(params, **hyper, max_grad_norm=None if clip == "off" else MAX_NORM,
+                            backend=backend)
+        if clip != "amp":
+            return optimizer.step
+        scaler = _scaler(fusedopt.GradScaler, device)
+
+        def amp_step():
+            scaler.step(optimizer)
+            scaler.update()
+        return amp_step
     flags = {"torch for-loop": dict(foreach=False), "torch foreach": dict(foreach=True),
              "torch fused": dict(fused=True), COMPILED: dict(foreach=True)}[impl]
     optimizer = torch_cls(params, **hyper, **flags)
+    scaler = _scaler(torch.amp.GradScaler, device) if clip == "amp" else None
 
     def step():
-        if clip:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if clip != "off":
             torch.nn.utils.clip_grad_norm_(params, MAX_NORM, foreach=True)
-        optimizer.step()
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
     return torch.compile(step) if impl == COMPILED else step
+
+
+def _scaler(cls, device):
+    """A GradScaler at AMP_SCALE that never grows during a run (the grads stay as they are)."""
+    scaler = cls(device.type, init_scale=AMP_SCALE, growth_interval=1 << 30)
+    scaler.scale(torch.ones((), device=device))  # makes its scale tensor, as a first loss would
+    return scaler
 
 
 def measure_impl(opt, impl, masters, clip, args, device) -> dict:
@@ -160,7 +196,7 @@ def parse_args(argv=None):
     parser.add_argument("--shapes", help=f"comma list from bench/shapes.py: {', '.join(shapes.NAMES)}")
     parser.add_argument("--optimizers", help=f"comma list of {', '.join(OPTIMIZERS)}")
     parser.add_argument("--dtypes", help=f"comma list of {', '.join(DTYPES)}")
-    parser.add_argument("--clip", help="comma list of on, off")
+    parser.add_argument("--clip", help="comma list of off, on, amp (a GradScaler step with clip)")
     parser.add_argument("--steps", type=int, help="timed steps per row")
     parser.add_argument("--warmup", type=int, help="untimed steps first (>= 1: state is made then)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd recipes")
@@ -171,7 +207,7 @@ def parse_args(argv=None):
         if getattr(args, key) is None:
             setattr(args, key, value)
     for key, known in (("shapes", shapes.NAMES), ("optimizers", OPTIMIZERS), ("dtypes", DTYPES),
-                       ("clip", ("on", "off"))):
+                       ("clip", CLIP_MODES)):
         setattr(args, key, getattr(args, key).split(","))
         for name in getattr(args, key):
             if name not in known:
@@ -208,7 +244,7 @@ def main(argv=None):
             gen = torch.Generator(device=device).manual_seed(0)
             masters = ([torch.randn(s, generator=gen, device=device).to(dtype) for s in shape_list],
                        [torch.randn(s, generator=gen, device=device).to(dtype) for s in shape_list])
-            for clip in (c == "on" for c in args.clip):
+            for clip in args.clip:
                 for opt in args.optimizers:
                     for impl in impls:
                         done += 1
@@ -226,7 +262,7 @@ def main(argv=None):
                             gb_per_s=gbs, pct_of_copy=100 * gbs / meta["copy_gbs"],
                             times_ms=times, **m))
                         print(f"[{done}/{total}] {set_name} {dtype_name} clip "
-                              f"{'on' if clip else 'off'} {opt} {impl}: {median:.3f} ms",
+                              f"{clip} {opt} {impl}: {median:.3f} ms",
                               file=sys.stderr, flush=True)
             del masters
             gc.collect()

@@ -16,13 +16,14 @@ def run(script, *args, tmp_path):
 
 def test_run_py_writes_markdown_json_and_chart(tmp_path):
     out = run("run.py", "--shapes", "smoke", "--optimizers", "sgd,adamw", "--dtypes", "float32",
-              "--clip", "on,off", "--steps", "2", "--warmup", "1", tmp_path=tmp_path)
+              "--clip", "on,off,amp", "--steps", "2", "--warmup", "1", tmp_path=tmp_path)
     assert "fusedopt against the best torch recipe" in out
     (md,) = tmp_path.glob("cpu-*.md")
     data = json.loads(md.with_suffix(".json").read_text())
     impls = {r["impl"] for r in data["results"]}
     assert {"torch for-loop", "torch foreach", "torch fused", "fusedopt (torch)"} <= impls
-    assert len(data["results"]) == 2 * 2 * len(impls)
+    assert len(data["results"]) == 2 * 3 * len(impls)
+    assert {r["clip"] for r in data["results"]} == {"on", "off", "amp"}
     assert all(len(r["times_ms"]) == 2 and r["median_ms"] > 0 for r in data["results"])
     assert data["meta"]["copy_gbs"] > 0
     assert md.with_suffix(".png").stat().st_size > 0
