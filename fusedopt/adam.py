@@ -56,8 +56,8 @@ def adam_rule_(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, step, *, lr, beta1, be
     else:
         step += 1.0 - found_inf
     x = p.to(acc)
-    m, v = adam_moments_rule(x, g_acc, exp_avg.to(acc), exp_avg_sq.to(acc), beta1, beta2,
-                             0.0 if decoupled_weight_decay else weight_decay, maximize)
+    m, v = adam_moments_rule(x, g_acc, exp_avg.to(acc), exp_avg_sq.to(acc), beta2, 1.0 - beta1,
+                             1.0 - beta2, 0.0 if decoupled_weight_decay else weight_decay, maximize)
     if max_exp_avg_sq is not None:
         v_hat = torch.maximum(max_exp_avg_sq.to(acc), v)
         max_exp_avg_sq.copy_(keep_where(found_inf, max_exp_avg_sq, v_hat))
@@ -110,7 +110,8 @@ class _AdamStep(ClippedStep):
         from fusedopt.kernels.adam import adam_triton_
         beta1, beta2 = group["betas"]
         adam_triton_(table, clip, lr=kernel_lr(group["lr"], table.device), beta1=host_float(beta1),
-                     beta2=host_float(beta2), eps=group["eps"], weight_decay=group["weight_decay"],
+                     beta2=host_float(beta2), eps=group["eps"],
+                     weight_decay=host_float(group["weight_decay"]),
                      amsgrad=group["amsgrad"], maximize=group["maximize"],
                      decoupled_weight_decay=group["decoupled_weight_decay"], grid=grid)
 

@@ -25,17 +25,20 @@ def sgd_rule(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, maximiz
     return p - lr * d, buf
 
 
-def adam_moments_rule(p, g, exp_avg, exp_avg_sq, beta1, beta2, weight_decay, maximize):
+def adam_moments_rule(p, g, exp_avg, exp_avg_sq, beta2, one_minus_beta1, one_minus_beta2,
+                      weight_decay, maximize):
     """Adam's moment update, as torch.optim.Adam. Returns (new exp_avg, new exp_avg_sq).
 
     ``weight_decay`` is the coupled (L2) decay: the caller passes 0.0 for AdamW's decoupled decay,
     which ``adam_param_rule`` applies through ``decay``. exp_avg uses torch's lerp form.
+    ``1 - beta`` comes from the caller, formed in float64 as torch forms it: in fp32,
+    1 - fp32(0.999) is 1.3e-5 off 0.001.
     """
     if maximize:
         g = -g
     g = g + weight_decay * p
-    exp_avg = exp_avg + (1.0 - beta1) * (g - exp_avg)
-    exp_avg_sq = beta2 * exp_avg_sq + (1.0 - beta2) * g * g
+    exp_avg = exp_avg + one_minus_beta1 * (g - exp_avg)
+    exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * g * g
     return exp_avg, exp_avg_sq
 
 

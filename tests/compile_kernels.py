@@ -32,7 +32,8 @@ UPDATE_SIG = {**TABLES, "partials_ptr": "*fp32", "out_ptr": "*fp32", "lr_ptr": "
               "n_partials": "i32", "write_out": "i32", "lr": "fp32"}
 SGD_SIG = {**UPDATE_SIG, "momentum": "fp32", "dampening": "fp32", "weight_decay": "fp32",
            "max_norm": "fp32", "max_value": "fp32"}
-ADAM_SIG = {**UPDATE_SIG, "beta1": "fp32", "beta2": "fp32", "eps": "fp32", "weight_decay": "fp32",
+ADAM_SIG = {**UPDATE_SIG, "beta2": "fp32", "one_minus_beta1": "fp32", "one_minus_beta2": "fp32",
+            "ln_beta1": "fp32", "ln_beta2": "fp32", "eps": "fp32", "weight_decay": "fp32",
             "max_norm": "fp32", "max_value": "fp32"}
 SIZES = dict(BLOCK=_common.BLOCK_SIZE, NUM_PARTIALS=_common.NUM_PARTIALS)
 L2, INF = _common.NORM_L2, _common.NORM_INF

@@ -51,8 +51,9 @@ def reference_step(kind, params, state, hp, clip):
                           max_exp_avg_sq=torch.zeros_like(x))
             st["step"] += 1
             t = st["step"]
-            m, v = adam_moments_rule(x, g, st["exp_avg"], st["exp_avg_sq"], beta1, beta2,
-                                     0.0 if decoupled else wd, hp.get("maximize", False))
+            m, v = adam_moments_rule(x, g, st["exp_avg"], st["exp_avg_sq"], beta2, 1.0 - beta1,
+                                     1.0 - beta2, 0.0 if decoupled else wd,
+                                     hp.get("maximize", False))
             if hp.get("amsgrad", False):
                 v_hat = torch.maximum(st["max_exp_avg_sq"], v)
                 st["max_exp_avg_sq"] = v_hat

@@ -9,8 +9,11 @@ import copy
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import fusedopt
+from fusedopt.kernels.adam import _bias_corrections, _ln
 from conftest import DEVICE, assert_close, low_precision_bound
 from recipe import CLIPS, STEPS
 from recipe import OUR_CLASSES as CLASSES
@@ -329,3 +332,27 @@ def test_cached_tables_follow_every_change(name):
         for r, t in zip(params_r, params_t):
             assert_close(t, r)
         assert_close(tri.grad_norm, ref.grad_norm)
+
+
+@triton.jit
+def _bias_corrections_probe(steps_ptr, out_ptr, ln_beta1, ln_beta2, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    bc1, bc2 = _bias_corrections(tl.load(steps_ptr + offs), ln_beta1, ln_beta2)
+    tl.store(out_ptr + offs, bc1)
+    tl.store(out_ptr + N + offs, bc2)
+
+
+def test_adam_bias_corrections_to_fp32_rounding():
+    """1 - beta ** step as the kernel forms it, against float64, across the betas people use
+    (0 included) and steps from 1 to 10**6: within 8 fp32 ulps of the exact value (4 would do
+    under the interpreter; a GPU's approximate exp adds up to ~6 past step * ln(beta) = -0.5), where
+    1 - exp2(step * log2(beta)) in fp32 was 6e-5 off at beta 0.999, step 1."""
+    steps = torch.tensor([1, 2, 3, 7, 10, 100, 500, 693, 1000, 4000, 10 ** 4, 10 ** 6, 1, 1, 1, 1],
+                         dtype=torch.float32, device=DEVICE)
+    for beta1, beta2 in ((0.9, 0.999), (0.5, 0.9999), (0.0, 0.95), (0.99, 0.98)):
+        out = torch.empty(2 * len(steps), dtype=torch.float32, device=DEVICE)
+        _bias_corrections_probe[(1,)](steps, out, _ln(beta1), _ln(beta2), N=len(steps))
+        for i, beta in enumerate((beta1, beta2)):
+            exact = torch.tensor([1 - beta ** float(t) for t in steps.tolist()], dtype=torch.float64)
+            got = out[i * len(steps):(i + 1) * len(steps)].double().cpu()
+            assert torch.all((got - exact).abs() <= 8 * 2.0 ** -24 * exact.abs()), (beta, got, exact)
