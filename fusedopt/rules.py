@@ -7,17 +7,19 @@ Every gradient passed here is already value-clamped and norm-clipped.
 """
 
 
-def sgd_rule(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, maximize):
+def sgd_rule(p, g, buf, lr, momentum, one_minus_dampening, weight_decay, nesterov, maximize):
     """One SGD step on fp32 values, as torch.optim.SGD. Returns (new p, new buf).
 
-    First step with momentum: the caller passes buf = 0 and dampening = 0.0, which gives torch's
-    ``buf = g`` (torch clones the gradient on the first step and ignores dampening there).
-    Without momentum: momentum = 0.0 and dampening = 0.0 make ``buf = g`` and so ``d = g``.
+    ``one_minus_dampening`` is 1 - dampening formed by the caller in float64, as torch forms its
+    ``alpha`` (in fp32, 1 - fp32(0.9) is 2.4e-7 off 0.1). First step with momentum: the caller
+    passes buf = 0 and one_minus_dampening = 1.0, which gives torch's ``buf = g`` (torch clones
+    the gradient on the first step and ignores dampening there). Without momentum: momentum = 0.0
+    and one_minus_dampening = 1.0 make ``buf = g`` and so ``d = g``.
     """
     if maximize:
         g = -g
     g = g + weight_decay * p
-    buf = momentum * buf + (1.0 - dampening) * g
+    buf = momentum * buf + one_minus_dampening * g
     if nesterov:
         d = g + momentum * buf
     else:

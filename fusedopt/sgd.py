@@ -87,7 +87,7 @@ def sgd_rule_(p, g, buf, *, lr, momentum, dampening, weight_decay, nesterov, max
     first = momentum != 0 and buf is None
     new_p, new_buf = sgd_rule(p.to(acc), g_acc,
                               torch.zeros_like(g_acc) if first or momentum == 0 else buf.to(acc),
-                              lr, momentum, 0.0 if first or momentum == 0 else dampening,
+                              lr, momentum, 1.0 if first or momentum == 0 else 1.0 - dampening,
                               weight_decay, nesterov, maximize)
     p.copy_(keep_where(found_inf, p, new_p))
     if momentum == 0:

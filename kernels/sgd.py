@@ -15,23 +15,24 @@ ROW = tl.constexpr(4)
 
 
 @triton.jit
-def _sgd_block(p_ptr, g_ptr, buf_ptr, offs, n, coef, inv_scale, first, lr, momentum, dampening,
-               weight_decay, max_value, VALUE_CLIP: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
-               NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, MASKED: tl.constexpr):
+def _sgd_block(p_ptr, g_ptr, buf_ptr, offs, n, coef, inv_scale, first, lr, momentum,
+               one_minus_dampening, weight_decay, max_value, VALUE_CLIP: tl.constexpr,
+               HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
+               MASKED: tl.constexpr):
     """One block; MASKED only for a tensor's last, partial block (full blocks get 128-bit access)."""
     mask, other = (offs < n, 0.0) if MASKED else (None, None)
     g = tl.load(g_ptr + offs, mask=mask, other=other).to(tl.float32) * inv_scale
     g = clamp_value(g, max_value, VALUE_CLIP) * coef
     p = tl.load(p_ptr + offs, mask=mask, other=other).to(tl.float32)
     if HAS_MOMENTUM:
-        # first step: torch sets buf = g, which the rule gives with buf = 0 and dampening = 0
+        # first step: torch sets buf = g, which the rule gives with buf = 0 and no dampening
         buf = tl.load(buf_ptr + offs, mask=mask, other=other).to(tl.float32)
         buf = tl.where(first != 0, 0.0, buf)
-        p, buf = sgd_rule_tl(p, g, buf, lr, momentum, tl.where(first != 0, 0.0, dampening),
+        p, buf = sgd_rule_tl(p, g, buf, lr, momentum, tl.where(first != 0, 1.0, one_minus_dampening),
                              weight_decay, NESTEROV, MAXIMIZE)
         tl.store(buf_ptr + offs, buf.to(buf_ptr.dtype.element_ty), mask=mask)
     else:
-        p, _ = sgd_rule_tl(p, g, 0.0, lr, 0.0, 0.0, weight_decay, False, MAXIMIZE)
+        p, _ = sgd_rule_tl(p, g, 0.0, lr, 0.0, 1.0, weight_decay, False, MAXIMIZE)
     tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
 
 
@@ -48,7 +49,9 @@ def _sgd_kernel(
     found_ptr,         # fp32 [1]: GradScaler's found_inf (FOUND_IN)
     n_blocks, n_partials, write_out,
     lr,                # float lr (not LR_FROM_PTR)
-    momentum, dampening, weight_decay,
+    momentum,
+    one_minus_dampening,  # 1 - dampening, formed on the host in float64
+    weight_decay,
     max_norm,          # clip_grad_norm_'s max_norm (NORM != 0)
     max_value,         # clip_grad_value_'s bound (VALUE_CLIP)
     DTYPE: tl.constexpr, NORM: tl.constexpr, VALUE_CLIP: tl.constexpr, UNSCALE: tl.constexpr,
@@ -85,16 +88,16 @@ def _sgd_kernel(
                     tl.store(buf_ptr + offs, tl.zeros([BLOCK], dtype=DTYPE), mask=offs < n)
         elif start + BLOCK <= n:
             _sgd_block(p_ptr, g_ptr, buf_ptr, offs, n, coef, inv_scale, first, lr, momentum,
-                       dampening, weight_decay, max_value, VALUE_CLIP, HAS_MOMENTUM, NESTEROV,
-                       MAXIMIZE, False)
+                       one_minus_dampening, weight_decay, max_value, VALUE_CLIP, HAS_MOMENTUM,
+                       NESTEROV, MAXIMIZE, False)
         else:
             _sgd_block(p_ptr, g_ptr, buf_ptr, offs, n, coef, inv_scale, first, lr, momentum,
-                       dampening, weight_decay, max_value, VALUE_CLIP, HAS_MOMENTUM, NESTEROV,
-                       MAXIMIZE, True)
+                       one_minus_dampening, weight_decay, max_value, VALUE_CLIP, HAS_MOMENTUM,
+                       NESTEROV, MAXIMIZE, True)
 
 
 def sgd_triton_(table, clip, *, lr, momentum, dampening, weight_decay, nesterov, maximize, grid):
     """Launch the SGD update over ``table`` (columns p, buf, numel, first-step flag; grads apart);
     ``clip`` and ``lr`` as in _common.launch_update."""
-    launch_update(_sgd_kernel, table, clip, grid, lr, (momentum, dampening, weight_decay),
+    launch_update(_sgd_kernel, table, clip, grid, lr, (momentum, 1.0 - dampening, weight_decay),
                   HAS_MOMENTUM=momentum != 0, NESTEROV=nesterov, MAXIMIZE=maximize)

@@ -30,7 +30,7 @@ NORM_SIG = {**TABLES, "partials_ptr": "*fp32", "flags_ptr": "*fp32", "inv_scale_
 UPDATE_SIG = {**TABLES, "partials_ptr": "*fp32", "out_ptr": "*fp32", "lr_ptr": "*fp32",
               "inv_scale_ptr": "*fp32", "found_ptr": "*fp32", "n_blocks": "i32",
               "n_partials": "i32", "write_out": "i32", "lr": "fp32"}
-SGD_SIG = {**UPDATE_SIG, "momentum": "fp32", "dampening": "fp32", "weight_decay": "fp32",
+SGD_SIG = {**UPDATE_SIG, "momentum": "fp32", "one_minus_dampening": "fp32", "weight_decay": "fp32",
            "max_norm": "fp32", "max_value": "fp32"}
 ADAM_SIG = {**UPDATE_SIG, "beta2": "fp32", "one_minus_beta1": "fp32", "one_minus_beta2": "fp32",
             "ln_beta1": "fp32", "ln_beta2": "fp32", "eps": "fp32", "weight_decay": "fp32",

@@ -37,7 +37,8 @@ def reference_step(kind, params, state, hp, clip):
             first = "momentum_buffer" not in st
             buf = torch.zeros_like(x) if first else st["momentum_buffer"]
             dampening = 0.0 if first or momentum == 0 else hp.get("dampening", 0.0)
-            x, buf = sgd_rule(x, g, buf, hp["lr"], momentum, dampening, hp.get("weight_decay", 0.0),
+            x, buf = sgd_rule(x, g, buf, hp["lr"], momentum, 1.0 - dampening,
+                              hp.get("weight_decay", 0.0),
                               hp.get("nesterov", False), hp.get("maximize", False))
             if momentum != 0:
                 st["momentum_buffer"] = buf
