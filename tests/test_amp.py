@@ -291,3 +291,37 @@ def test_tensors_the_kernels_cannot_take_share_the_skip(where):
         for r, t in zip(ref_p, tri_p):
             assert_close(t, r, torch.float32)
     assert scalers[0].get_scale() == scalers[1].get_scale() == 32.0
+
+
+def test_bf16_sgd_on_cpu_under_a_scaler():
+    """bf16 SGD on the torch path (on CPU: torch's foreach SGD, which reads the skip flag on the
+    host) with fusedopt.GradScaler, overflow on the first step included, against the torch recipe
+    in bf16: the skipped steps change nothing, the others agree to bf16 rounding (the clip
+    multiplies the bf16 grads in the recipe, divides in fp32 here). bf16 Adam is left out: at
+    lr 0.01 an update is below one bf16 ulp of most params, and torch's foreach and fused Adam
+    already round those differently."""
+    name = "SGD"
+    ref_p = on_device([p.to(torch.bfloat16) for p in make_params(SHAPES, torch.float32)])
+    our_p = clone_params(ref_p)
+    ref = TORCH_CLASSES[name](ref_p, **KWARGS[name], foreach=True)
+    ours = OUR_CLASSES[name](our_p, **KWARGS[name], max_grad_norm=1.0, backend="torch")
+    scalers = [torch.amp.GradScaler(DEVICE, init_scale=2.0 ** 8),
+               fusedopt.GradScaler(DEVICE, init_scale=2.0 ** 8)]
+    for step in range(5):
+        coefs = [c.to(DEVICE, torch.bfloat16) for c in make_grads(ref_p, step)]
+        if step in (0, 2):
+            coefs[2][0] = math.inf
+        before = [p.detach().clone() for p in our_p]
+        for opt, params, scaler in ((ref, ref_p, scalers[0]), (ours, our_p, scalers[1])):
+            opt.zero_grad()
+            scaler.scale(loss_of(params, coefs)).backward()
+            if opt is ref:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+            scaler.step(opt)
+            scaler.update()
+        assert float(ours.step_skipped) == float(step in (0, 2))
+        if step in (0, 2):
+            assert all(torch.equal(p, b) for p, b in zip(our_p, before))
+        for r, o in zip(ref_p, our_p):
+            torch.testing.assert_close(o, r, rtol=2.0 ** -7, atol=2.0 ** -7)
