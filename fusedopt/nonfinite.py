@@ -8,7 +8,7 @@ step leaves parameters, optimizer state and step counters as they were, decided 
 no host sync, except for ``'raise'``, which must read the flag to raise.
 
 The torch-path helpers live here; the Triton twins are kernels/norm.py (detection, in the norm
-pass) and kernels/_common.step_guard (the skip, in every update launch).
+pass) and kernels/_common.launch_scalars (the skip, in every update launch).
 """
 import torch
 

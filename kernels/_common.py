@@ -86,38 +86,50 @@ def total_norm(partials_ptr, n_partials, NORM: tl.constexpr, NUM_PARTIALS: tl.co
 
 
 @triton.jit
-def clip_coef(partials_ptr, n_partials, out_ptr, write_out, max_norm,
-              NORM: tl.constexpr, NUM_PARTIALS: tl.constexpr):
-    """clip_grad_norm_'s min(1, max_norm / (norm + 1e-6)), NaN kept; program 0 may store the norm."""
-    norm = total_norm(partials_ptr, n_partials, NORM, NUM_PARTIALS)
-    if write_out != 0:
-        if tl.program_id(0) == 0:
-            tl.store(out_ptr, norm)
-    coef = max_norm / (norm + 1e-6)
-    return tl.where(coef > 1.0, 1.0, coef)
+def launch_scalars(partials_ptr, n_partials, out_ptr, write_out, max_norm, found_ptr,
+                   inv_scale_ptr, lr_ptr, lr, NORM: tl.constexpr, FOUND_IN: tl.constexpr,
+                   DETECT: tl.constexpr, UNSCALE: tl.constexpr, LR_FROM_PTR: tl.constexpr,
+                   NUM_PARTIALS: tl.constexpr):
+    """What every program of an update launch forms once, in this order of the arguments above:
 
+    - coef: clip_grad_norm_'s min(1, max_norm / (norm + 1e-6)), NaN kept (NORM);
+    - skip: 1.0 when GradScaler's found_inf is set (FOUND_IN) or the norm pass met an inf/NaN
+      (DETECT: its inf/NaN partials, sums of g * 0, follow the norm partials and are NaN exactly
+      then), else 0.0. Every program of every launch of the step reads the same inputs, so all
+      skip or none;
+    - inv_scale: 1 / GradScaler's scale (UNSCALE); lr: from the pointer when LR_FROM_PTR.
 
-@triton.jit
-def step_guard(partials_ptr, n_partials, found_ptr, out_ptr, write_out,
-               FOUND_IN: tl.constexpr, DETECT: tl.constexpr, NUM_PARTIALS: tl.constexpr):
-    """This step's skip flag, 1.0 or 0.0: GradScaler's found_inf is set (FOUND_IN), or the norm
-    pass met an inf/NaN (DETECT: its inf/NaN partials, sums of g * 0, follow the norm partials and
-    are NaN exactly then). Every program of every launch of the step reads the same inputs, so
-    all skip or none; program 0 may store the flag (out_ptr[1])."""
-    flag = 0.0
+    Program 0 of the step's first launch (write_out) stores the norm and the flag in out_ptr[0:2].
+    One helper, not one per item: under the interpreter each nested call costs ~1 ms a program.
+    """
+    coef = 1.0
+    if NORM != 0:
+        norm = total_norm(partials_ptr, n_partials, NORM, NUM_PARTIALS)
+        if write_out != 0:
+            if tl.program_id(0) == 0:
+                tl.store(out_ptr, norm)
+        coef = max_norm / (norm + 1e-6)
+        coef = tl.where(coef > 1.0, 1.0, coef)
+    skip = 0.0
     if FOUND_IN:
-        flag = tl.where(tl.load(found_ptr) != 0, 1.0, 0.0)
+        skip = tl.where(tl.load(found_ptr) != 0, 1.0, 0.0)
     if DETECT:
         offs = tl.arange(0, NUM_PARTIALS)
         acc = tl.zeros([NUM_PARTIALS], dtype=tl.float32)
         for i in range(0, n_partials, NUM_PARTIALS):
             acc += tl.load(partials_ptr + n_partials + i + offs)
         bad = tl.sum(acc, axis=0)
-        flag = tl.where(bad != bad, 1.0, flag)
-    if write_out != 0:
-        if tl.program_id(0) == 0:
-            tl.store(out_ptr + 1, flag)
-    return flag
+        skip = tl.where(bad != bad, 1.0, skip)
+    if FOUND_IN or DETECT:
+        if write_out != 0:
+            if tl.program_id(0) == 0:
+                tl.store(out_ptr + 1, skip)
+    inv_scale = 1.0
+    if UNSCALE:
+        inv_scale = tl.load(inv_scale_ptr)
+    if LR_FROM_PTR:
+        lr = tl.load(lr_ptr).to(tl.float32)
+    return coef, skip, inv_scale, lr
 
 
 def launch_update(kernel, table, clip, grid, lr, scalars, **flags):

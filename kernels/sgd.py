@@ -4,7 +4,7 @@ written. Math: fusedopt/rules.sgd_rule. Torch twin: fusedopt/sgd.py."""
 import triton
 import triton.language as tl
 
-from fusedopt.kernels._common import clamp_value, clip_coef, jit_rule, launch_update, step_guard
+from fusedopt.kernels._common import clamp_value, jit_rule, launch_scalars, launch_update
 from fusedopt.rules import sgd_rule
 
 sgd_rule_tl = jit_rule(sgd_rule)
@@ -59,19 +59,9 @@ def _sgd_kernel(
     BLOCK: tl.constexpr, NUM_PARTIALS: tl.constexpr,
     HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
 ):
-    coef = 1.0
-    if NORM != 0:
-        coef = clip_coef(partials_ptr, n_partials, out_ptr, write_out, max_norm, NORM,
-                         NUM_PARTIALS)
-    skip = 0.0
-    if FOUND_IN or DETECT:
-        skip = step_guard(partials_ptr, n_partials, found_ptr, out_ptr, write_out, FOUND_IN,
-                          DETECT, NUM_PARTIALS)
-    inv_scale = 1.0
-    if UNSCALE:
-        inv_scale = tl.load(inv_scale_ptr)
-    if LR_FROM_PTR:
-        lr = tl.load(lr_ptr).to(tl.float32)
+    coef, skip, inv_scale, lr = launch_scalars(
+        partials_ptr, n_partials, out_ptr, write_out, max_norm, found_ptr, inv_scale_ptr, lr_ptr,
+        lr, NORM, FOUND_IN, DETECT, UNSCALE, LR_FROM_PTR, NUM_PARTIALS)
     for b in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
         t = tl.load(block_tensor_ptr + b).to(tl.int64)
         row = table_ptr + t * ROW
