@@ -2,7 +2,7 @@
 best torch recipe, on this machine, and how close is it to what the memory system allows?
 
     python bench/run.py              # the full matrix for this device (GPU when there is one)
-    python bench/run.py --quick      # < 3 min on one GPU; 2m24s on 2 CPU cores (AMP rows included)
+    python bench/run.py --quick      # 2m24s on 2 CPU cores (AMP rows included); GPU: not yet timed
     python bench/run.py --compile    # also torch.compile of the torch recipe (compiling is slow)
     python bench/run.py --shapes smoke --optimizers sgd --dtypes float32 --steps 3
     python bench/run.py --clip amp   # under a GradScaler: unscale_ + clip + step vs fusedopt's
