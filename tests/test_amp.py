@@ -325,3 +325,25 @@ def test_bf16_sgd_on_cpu_under_a_scaler():
             assert all(torch.equal(p, b) for p, b in zip(our_p, before))
         for r, o in zip(ref_p, our_p):
             torch.testing.assert_close(o, r, rtol=2.0 ** -7, atol=2.0 ** -7)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_fusedopt_scaler_is_torch_scaler_for_other_optimizers(enabled):
+    """fusedopt.GradScaler with a torch.optim optimizer (or disabled) is torch's GradScaler:
+    same params and scale through an overflow step."""
+    params = [on_device(make_params(SHAPES, torch.float32)) for _ in range(2)]
+    opts = [torch.optim.AdamW(ps, lr=0.01) for ps in params]
+    scalers = [torch.amp.GradScaler(DEVICE, init_scale=64.0, enabled=enabled),
+               fusedopt.GradScaler(DEVICE, init_scale=64.0, enabled=enabled)]
+    for step in range(3):
+        coefs = [c.to(DEVICE) for c in make_grads(params[0], step)]
+        if step == 1 and enabled:
+            coefs[0].view(-1)[0] = math.inf
+        for ps, opt, scaler in zip(params, opts, scalers):
+            opt.zero_grad()
+            scaler.scale(loss_of(ps, coefs)).backward()
+            scaler.step(opt)
+            scaler.update()
+        assert scalers[0].get_scale() == scalers[1].get_scale()
+        for a, b in zip(*params):
+            assert torch.equal(a, b)

@@ -151,11 +151,12 @@ def test_grad_norm_without_clipping_via_inf():
 def test_pickle_and_deepcopy_keep_clip_settings(how):
     params = make_params(SHAPES, torch.float32)
     opt = fusedopt.AdamW(params, lr=0.01, max_grad_norm=0.5, norm_type="inf", max_grad_value=0.1,
-                         backend="torch")
+                         nonfinite="skip", backend="torch")
     clone = pickle.loads(pickle.dumps(opt)) if how == "pickle" else copy.deepcopy(opt)
-    assert (clone.max_grad_norm, clone.norm_type, clone.max_grad_value, clone.backend) == (
-        0.5, math.inf, 0.1, "torch")
+    assert (clone.max_grad_norm, clone.norm_type, clone.max_grad_value, clone.nonfinite,
+            clone.backend) == (0.5, math.inf, 0.1, "skip", "torch")
     assert "max_grad_norm=0.5" in repr(clone)
+    assert clone._step_supports_amp_scaling  # GradScaler still hands it grad_scale / found_inf
 
 
 @pytest.mark.parametrize("name", NAMES)
