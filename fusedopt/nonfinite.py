@@ -81,10 +81,13 @@ def unscale_and_check_(grads: list[torch.Tensor], guard: StepGuard, device: torc
     None when nothing can skip."""
     found = torch.zeros((), dtype=torch.float32, device=device)
     if guard.scale is not None or guard.detect:
+        inv_scales = {}  # one per device, not per (device, dtype) group: three small ops each
         for (dev, _), idx in group_by_device_dtype(grads).items():
+            if dev not in inv_scales:
+                inv_scales[dev] = guard.inv_scale(dev)
             here = torch.zeros((), dtype=torch.float32, device=dev)
             torch._amp_foreach_non_finite_check_and_unscale_(pick(grads, idx), here,
-                                                             guard.inv_scale(dev))
+                                                             inv_scales[dev])
             found = torch.maximum(found, here.to(device, non_blocking=True))
     return guard.combine(found) if guard.skips else None
 
