@@ -95,10 +95,11 @@ def norm_grid(device: torch.device, n_blocks: int, num_partials: int) -> int:
     return max(1, min(n_blocks, num_partials if device.type == "cuda" else 16))
 
 
-def update_grid(device: torch.device, n_blocks: int) -> int:
+def update_grid(device: torch.device, n_blocks: int, programs_per_sm: int) -> int:
     """Programs of an update launch: each walks blocks pid, pid + grid, ... and forms the clip
-    coefficient once. 16 per SM on a GPU (4 warps each: half of an H100 SM's 64 warps; not yet
-    swept). Under the CPU interpreter, 16 in all: the program count changes no result there."""
+    coefficient once. ``programs_per_sm`` per SM on a GPU (kernels/_common.LaunchConfig). Under
+    the CPU interpreter, 16 in all: the program count changes no result there."""
     if device.type == "cuda":
-        return max(1, min(n_blocks, 16 * torch.cuda.get_device_properties(device).multi_processor_count))
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return max(1, min(n_blocks, programs_per_sm * sms))
     return max(1, min(n_blocks, 16))

@@ -32,6 +32,7 @@ class KernelClip:
         self.value_clip = max_value is not None
         self.max_value = 0.0 if max_value is None else max_value
         self.detect = guard.detect
+        self.num_partials = num_partials  # per dtype group: the norm pass's largest grid
         self.n_partials = num_partials * n_slots
         size = self.n_partials * (2 if self.detect else 1) if self.norm or self.detect else 1
         self.partials = torch.empty(size, dtype=torch.float32, device=device)
@@ -103,8 +104,10 @@ def plan_key(opt, group, params):
 
 def step_triton(opt, gathered, guard):
     """One step; returns the skip flag (0-dim fp32 on the device) when ``guard`` can skip."""
-    from fusedopt.kernels._common import BLOCK_SIZE, NUM_PARTIALS
+    from fusedopt.kernels._common import DEFAULT_LAUNCH
     from fusedopt.kernels.norm import norm_pass_
+
+    cfg = opt.__dict__.get("_launch_config", DEFAULT_LAUNCH)  # bench/tune.py sets another
 
     tables = opt.__dict__.setdefault("_launch_tables", {})
     plans = opt.__dict__.setdefault("_group_plans", {})
@@ -127,7 +130,7 @@ def step_triton(opt, gathered, guard):
     device = next(entry[0][0].device for plan in group_plans for entry in plan.by_dtype.values())
     clipping = opt.max_grad_norm is not None
     clip = KernelClip(device, len(dtypes) + (1 if fallback_params else 0), opt.norm_type,
-                      opt.max_grad_norm, opt.max_grad_value, NUM_PARTIALS, guard)
+                      opt.max_grad_norm, opt.max_grad_value, cfg.num_partials, guard)
 
     # 2. per dtype: the grad addresses of all param groups in one device array (one copy per
     #    step), the norm pass over them (it also advances Adam's step counters and looks for
@@ -141,25 +144,27 @@ def step_triton(opt, gathered, guard):
                       else [x for gi, _ in parts for x in grad_ptrs[gi][dtype]])
         offset = 0
         for gi, (ps, rows, _, numels) in parts:
-            table = _cached(tables, ("update", gi, dtype), LaunchTable, device, dtype, BLOCK_SIZE)
+            table = _cached(tables, ("update", gi, dtype), LaunchTable, device, dtype,
+                            cfg.block_size)
             table.refresh(rows, numels, grads.tensor[offset:offset + len(ps)])
             updates.append((opt.param_groups[gi], table))
             offset += len(ps)
         if clipping or opt._HAS_STEP or clip.detect:
-            table = _cached(tables, ("norm", dtype), LaunchTable, device, dtype, BLOCK_SIZE)
+            table = _cached(tables, ("norm", dtype), LaunchTable, device, dtype, cfg.block_size)
             if len(parts) == 1:
                 table.refresh(parts[0][1][2], parts[0][1][3], grads.tensor)
             else:
                 table.refresh([row for _, entry in parts for row in entry[2]],
                               [n for _, entry in parts for n in entry[3]], grads.tensor)
             norm_pass_(table, clip, slot, dtype, opt.max_grad_value, opt._HAS_STEP,
-                       norm_grid(device, table.n_blocks, NUM_PARTIALS))
+                       norm_grid(device, table.n_blocks, cfg.num_partials), cfg.num_warps)
     if fallback_params:
-        _fallback_prepare_(clip, fallback_params, opt, guard, len(dtypes), NUM_PARTIALS)
+        _fallback_prepare_(clip, fallback_params, opt, guard, len(dtypes), cfg.num_partials)
 
     # 3. the updates, once every norm pass (and the torch-path share) is in the partials
     for group, table in updates:
-        opt._launch_update_(group, table, clip, update_grid(device, table.n_blocks))
+        opt._launch_update_(group, table, clip,
+                            update_grid(device, table.n_blocks, cfg.programs_per_sm), cfg.num_warps)
     if clipping:
         opt.grad_norm = clip.out[0]
     skip = clip.out[1] if clip.skips else None
@@ -172,9 +177,9 @@ def step_triton(opt, gathered, guard):
 
 
 def _cached(tables, key, cls, *args):
-    """The launch-table object cached under ``key``, made anew for another device."""
+    """The launch-table object cached under ``key``, made anew for another device or block size."""
     obj = tables.get(key)
-    if obj is None or obj.device != args[0]:
+    if obj is None or obj.device != args[0] or (len(args) > 2 and obj.block_size != args[2]):
         obj = tables[key] = cls(*args)
     return obj
 

@@ -106,14 +106,15 @@ class _AdamStep(ClippedStep):
         vmax = s["max_exp_avg_sq"] if amsgrad else p  # never read without amsgrad
         return [p, s["exp_avg"], s["exp_avg_sq"], vmax], [s["step"]], []
 
-    def _launch_update_(self, group, table, clip, grid):
+    def _launch_update_(self, group, table, clip, grid, num_warps):
         from fusedopt.kernels.adam import adam_triton_
         beta1, beta2 = group["betas"]
         adam_triton_(table, clip, lr=kernel_lr(group["lr"], table.device), beta1=host_float(beta1),
                      beta2=host_float(beta2), eps=group["eps"],
                      weight_decay=host_float(group["weight_decay"]),
                      amsgrad=group["amsgrad"], maximize=group["maximize"],
-                     decoupled_weight_decay=group["decoupled_weight_decay"], grid=grid)
+                     decoupled_weight_decay=group["decoupled_weight_decay"], grid=grid,
+                     num_warps=num_warps)
 
     def _update_(self, group, params, grads, grad_scale, device, found_inf=None):
         amsgrad = group["amsgrad"]

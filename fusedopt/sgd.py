@@ -138,11 +138,12 @@ class SGD(ClippedStep, torch.optim.SGD):
             self._state_changed()
         return [p, state["momentum_buffer"]], [], [int(first)]
 
-    def _launch_update_(self, group, table, clip, grid):
+    def _launch_update_(self, group, table, clip, grid, num_warps):
         from fusedopt.kernels.sgd import sgd_triton_
         sgd_triton_(table, clip, lr=kernel_lr(group["lr"], table.device), momentum=group["momentum"],
                     dampening=group["dampening"], weight_decay=host_float(group["weight_decay"]),
-                    nesterov=group["nesterov"], maximize=group["maximize"], grid=grid)
+                    nesterov=group["nesterov"], maximize=group["maximize"], grid=grid,
+                    num_warps=num_warps)
 
     def _update_(self, group, params, grads, grad_scale, device, found_inf=None):
         momentum = group["momentum"]

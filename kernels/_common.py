@@ -8,6 +8,7 @@ The kernels inline their table reads and loads rather than calling small helpers
 re-patches triton.language on every nested @triton.jit call (about 1 ms each, measured with
 triton 3.9), so helper calls per block, not arithmetic, set how long the CI tests take.
 """
+import dataclasses
 import types
 
 import torch
@@ -22,6 +23,25 @@ NUM_PARTIALS = 1024
 # Not yet swept on a GPU.
 BLOCK_SIZE = 1024
 NUM_WARPS = 4
+
+# Update programs per SM on a GPU: each walks blocks pid, pid + grid, ... (4 warps each: half of an
+# H100 SM's 64 warps). Not yet swept on a GPU.
+PROGRAMS_PER_SM = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    """How the kernels are launched: elements per block, warps per program, norm partials per
+    dtype group (the norm pass's largest grid) and update programs per SM. The defaults are the
+    constants above; bench/tune.py sweeps the alternatives on a GPU. The partial count and the
+    block size fix which elements each partial sums, so they fix the norm's last bits."""
+    block_size: int = BLOCK_SIZE
+    num_warps: int = NUM_WARPS
+    num_partials: int = NUM_PARTIALS
+    programs_per_sm: int = PROGRAMS_PER_SM
+
+
+DEFAULT_LAUNCH = LaunchConfig()
 
 NORM_NONE, NORM_L2, NORM_INF = 0, 2, 1  # the NORM constexpr: which norm, if any
 
@@ -132,7 +152,7 @@ def launch_scalars(partials_ptr, n_partials, out_ptr, write_out, max_norm, found
     return coef, skip, inv_scale, lr
 
 
-def launch_update(kernel, table, clip, grid, lr, scalars, **flags):
+def launch_update(kernel, table, clip, grid, lr, scalars, num_warps, **flags):
     """Launch an update kernel: the arguments every update kernel takes (tables, partials, the
     [norm, skip flag] output, lr, AMP inv-scale, GradScaler's found_inf), then ``scalars`` (its
     own hyperparameters, in its argument order) and the clip bounds, with its own constexpr
@@ -141,6 +161,7 @@ def launch_update(kernel, table, clip, grid, lr, scalars, **flags):
     ``lr`` is a float or a 1-element fp32 tensor on the device (read through a pointer: no sync,
     no recompile). ``clip`` is fusedopt._triton_step.KernelClip; only its first launch of a step
     stores the norm and the flag. Pointers a variant never reads get ``clip.out`` as a stand-in.
+    The block size is the table's, the partial count the clip's (LaunchConfig).
     """
     lr_is_tensor = not isinstance(lr, float)
     kernel[(grid,)](
@@ -152,6 +173,6 @@ def launch_update(kernel, table, clip, grid, lr, scalars, **flags):
         *(float(x) for x in scalars), clip.max_norm, clip.max_value,
         DTYPE=triton_dtype(table.dtype), NORM=clip.norm, VALUE_CLIP=clip.value_clip,
         UNSCALE=clip.inv_scale is not None, FOUND_IN=clip.found_in is not None,
-        DETECT=clip.detect, LR_FROM_PTR=lr_is_tensor, BLOCK=BLOCK_SIZE,
-        NUM_PARTIALS=NUM_PARTIALS, num_warps=NUM_WARPS, **flags)
+        DETECT=clip.detect, LR_FROM_PTR=lr_is_tensor, BLOCK=table.block_size,
+        NUM_PARTIALS=clip.num_partials, num_warps=num_warps, **flags)
     clip.write_out = False

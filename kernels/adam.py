@@ -133,11 +133,12 @@ def _adam_kernel(
 
 
 def adam_triton_(table, clip, *, lr, beta1, beta2, eps, weight_decay, amsgrad, maximize,
-                 decoupled_weight_decay, grid):
+                 decoupled_weight_decay, grid, num_warps):
     """Launch the Adam/AdamW update over ``table`` (columns p, exp_avg, exp_avg_sq, max_exp_avg_sq
     (p's address when not amsgrad), step, numel; grads apart); ``clip`` and ``lr`` as in _common.launch_update."""
     launch_update(_adam_kernel, table, clip, grid, lr,
                   (beta2, 1.0 - beta1, 1.0 - beta2, _ln(beta1), _ln(beta2), eps, weight_decay),
+                  num_warps,
                   AMSGRAD=amsgrad, MAXIMIZE=maximize, DECOUPLED=decoupled_weight_decay)
 
 

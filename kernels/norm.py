@@ -10,8 +10,7 @@ is fusedopt/clip.py.
 import triton
 import triton.language as tl
 
-from fusedopt.kernels._common import (BLOCK_SIZE, NUM_PARTIALS, NUM_WARPS, clamp_value,
-                                      max_nan_reduce, triton_dtype)
+from fusedopt.kernels._common import clamp_value, max_nan_reduce, triton_dtype
 
 
 @triton.jit(do_not_specialize=["n_blocks"])
@@ -83,16 +82,17 @@ def _norm_kernel(
                      mask=slots >= grid)
 
 
-def norm_pass_(table, clip, slot, dtype, max_value, has_step, grid):
+def norm_pass_(table, clip, slot, dtype, max_value, has_step, grid, num_warps):
     """Launch the norm pass over ``table`` (a fusedopt._multi_tensor.LaunchTable with columns
     numel[, step] and the grads) into dtype group ``slot`` of ``clip``'s partials
-    (fusedopt._triton_step.KernelClip) with ``grid`` <= NUM_PARTIALS programs; the grid fixes
-    which blocks each partial sums, so it fixes the result's bits."""
-    partials = clip.partials[slot * NUM_PARTIALS:(slot + 1) * NUM_PARTIALS] if clip.norm else clip.out
+    (fusedopt._triton_step.KernelClip) with ``grid`` <= ``clip.num_partials`` programs; the grid
+    fixes which blocks each partial sums, so it fixes the result's bits."""
+    width = clip.num_partials
+    partials = clip.partials[slot * width:(slot + 1) * width] if clip.norm else clip.out
     _norm_kernel[(grid,)](
         table.rows, table.grads, table.block_tensor, table.block_index, partials,
-        clip.flags(slot, NUM_PARTIALS), clip.out if clip.inv_scale is None else clip.inv_scale,
+        clip.flags(slot, width), clip.out if clip.inv_scale is None else clip.inv_scale,
         table.n_blocks, 0.0 if max_value is None else max_value,
         DTYPE=triton_dtype(dtype), ROW=table.row_width, NORM=clip.norm,
         VALUE_CLIP=max_value is not None, UNSCALE=clip.inv_scale is not None, DETECT=clip.detect,
-        HAS_STEP=has_step, BLOCK=BLOCK_SIZE, NUM_PARTIALS=NUM_PARTIALS, num_warps=NUM_WARPS)
+        HAS_STEP=has_step, BLOCK=table.block_size, NUM_PARTIALS=width, num_warps=num_warps)

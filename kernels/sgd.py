@@ -86,8 +86,10 @@ def _sgd_kernel(
                        NESTEROV, MAXIMIZE, True)
 
 
-def sgd_triton_(table, clip, *, lr, momentum, dampening, weight_decay, nesterov, maximize, grid):
+def sgd_triton_(table, clip, *, lr, momentum, dampening, weight_decay, nesterov, maximize, grid,
+                num_warps):
     """Launch the SGD update over ``table`` (columns p, buf, numel, first-step flag; grads apart);
     ``clip`` and ``lr`` as in _common.launch_update."""
     launch_update(_sgd_kernel, table, clip, grid, lr, (momentum, 1.0 - dampening, weight_decay),
+                  num_warps,
                   HAS_MOMENTUM=momentum != 0, NESTEROV=nesterov, MAXIMIZE=maximize)
