@@ -12,7 +12,9 @@ BACKENDS = ("torch", "triton")
 
 # Device types with torch fused optimizer kernels (torch._fused_sgd_/_fused_adam_/_fused_adamw_),
 # which the torch path calls: torch.optim.optimizer._get_fused_kernels_supported_devices().
-_TORCH_FUSED_DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu", "hpu", torch._C._get_privateuse1_backend_name())
+# "meta": shapes only, as torch.optim steps meta params (deferred initialisation).
+_TORCH_FUSED_DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu", "hpu", "meta",
+                             torch._C._get_privateuse1_backend_name())
 
 
 def check_backend(backend) -> str | None:
@@ -30,7 +32,7 @@ def _triton_import_error() -> str | None:
     return None
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
     """TRITON_INTERPRET=1 runs the kernels on CPU tensors (read at each call, as triton reads it)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -41,7 +43,10 @@ def triton_unavailable_reason(devices: set[torch.device]) -> str | None:
         return (f"the parameters span several devices ({sorted(map(str, devices))}); a kernel "
                 "launch covers one device")
     (device,) = devices
-    if device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
+    if device.type == "meta":
+        return ("the parameters are on the meta device (deferred initialisation); materialize "
+                "them first, e.g. module.to_empty(device='cuda'), then step")
+    if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
         return (f"the parameters are on {device.type}; the kernels run on CUDA GPUs (or on CPU "
                 "tensors under TRITON_INTERPRET=1)")
     return _triton_import_error()

@@ -7,17 +7,43 @@ or a flag changed; a rebuild is one host-to-device copy (from pinned memory on C
 map is rebuilt only when sizes change. Optimizer-agnostic: the optimizers say what the columns
 are, the kernels in fusedopt.kernels read them.
 """
+import contextlib
+
 import torch
 
+# The only tensor types whose data_ptr() and numel() are the memory a kernel may touch. A
+# subclass may be a wrapper with no storage of its own (a DTensor reports data_ptr() == 0 and its
+# global numel), so none reaches a kernel: subclasses take the torch path.
+PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
-def tensors_fit_kernel(tensors: list[torch.Tensor], dtypes) -> bool:
-    """Whether one row of tensors (param, grad, state...) can go through a kernel: same dtype in
-    ``dtypes`` (fp64 cannot), same numel, contiguous, 16-byte aligned (the kernels use 128-bit
-    accesses). Others take the torch path, tensor by tensor."""
+
+def tensors_fit_kernel(tensors: list[torch.Tensor], dtypes, device: torch.device) -> bool:
+    """Whether one row of tensors (param, grad, state...) can go through a kernel: plain tensors
+    (PLAIN_TYPES) on ``device``, same dtype in ``dtypes`` (fp64 cannot), same numel and not
+    empty (an empty tensor has no block to advance Adam's counter: the torch path does it),
+    contiguous, 16-byte aligned (the kernels use 128-bit accesses). Others take the torch path,
+    tensor by tensor."""
     first = tensors[0]
-    return first.dtype in dtypes and all(
-        t.dtype == first.dtype and t.numel() == first.numel() and t.is_contiguous()
-        and t.data_ptr() % 16 == 0 for t in tensors)
+    n = first.numel()
+    return n > 0 and first.dtype in dtypes and all(
+        type(t) in PLAIN_TYPES and t.device == device and t.dtype == first.dtype
+        and t.numel() == n and t.is_contiguous() and t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def scalars_fit_kernel(scalars: list[torch.Tensor], device: torch.device) -> bool:
+    """Whether per-tensor scalars (Adam's step) can be read and written by a kernel: plain
+    one-element fp32 tensors on ``device``."""
+    return all(type(s) is torch.Tensor and s.device == device and s.dtype == torch.float32
+               and s.numel() == 1 for s in scalars)
+
+
+def device_guard(device: torch.device):
+    """The context every launch and table copy of a step runs in: ``device`` made current, so
+    that Triton launches on it and on its current stream (Triton takes the current device's
+    current stream), as torch's own ops on those tensors would. Nothing to enter elsewhere."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 CAPTURE_ERROR = (
@@ -41,51 +67,45 @@ def _to_device(values, device: torch.device) -> torch.Tensor:
 
 
 class DeviceInts:
-    """A host list of ints mirrored on the device: copied again only when the list changes."""
+    """A host list of ints mirrored on the device: copied again only when the list changes. The
+    key is re-pointed at every refresh, so an equal list is compared once, not every step."""
 
     def __init__(self, device: torch.device):
         self.device, self._key, self.tensor = device, None, None
 
-    def refresh(self, values: list) -> None:
-        if values is not self._key and values != self._key:
-            self._key, self.tensor = values, _to_device(values, self.device)
+    def refresh(self, values: list) -> bool:
+        """Whether the device copy changed."""
+        changed = values != self._key
+        if changed:
+            self.tensor = _to_device(values, self.device)
+        self._key = values
+        return changed
 
 
 class LaunchTable:
-    """The device tables of one launch, refreshed each step, read by the kernel launchers.
+    """The device tables of one launch, built once per plan, read by the kernel launchers.
 
-    ``rows``: int64 [n, row_width], what changes rarely (param and state addresses, numel,
-    flags). ``grads``: int64 [n], the grad addresses, which change every step after
-    zero_grad(set_to_none=True): a slice of one DeviceInts per dtype, shared by the norm pass and
-    the updates. ``block_tensor`` / ``block_index``: int32 [n_blocks], the tensor of each block of
-    ``block_size`` elements and its index inside it, rebuilt only when sizes change.
+    ``rows``: int64 [n, row_width], param and state addresses, numel, flags. ``grads``: int64
+    [n], the grad addresses, which change every step after zero_grad(set_to_none=True): a slice
+    of one DeviceInts per dtype, shared by the norm pass and the updates, set by the step.
+    ``block_tensor`` / ``block_index``: int32 [n_blocks], the tensor of each block of
+    ``block_size`` elements and its index inside it. ``grid``: the launch's program count.
     """
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, block_size: int):
+    def __init__(self, device: torch.device, dtype: torch.dtype, block_size: int,
+                 rows: list[list[int]], numels: list[int]):
         self.device, self.dtype, self.block_size = device, dtype, block_size
-        self._rows = DeviceInts(device)
-        self._sizes_key = None
-        self.grads = self.block_tensor = self.block_index = None
-        self.row_width = 0
-        self.n_blocks = 0
-
-    @property
-    def rows(self) -> torch.Tensor:
-        return self._rows.tensor
-
-    def refresh(self, rows: list[list[int]], numels: list[int], grads: torch.Tensor) -> None:
-        self._rows.refresh(rows)
+        self.rows = _to_device(rows, device)
         self.row_width = len(rows[0])
-        self.grads = grads
-        if numels is not self._sizes_key and numels != self._sizes_key:
-            self._sizes_key = numels
-            counts = (torch.tensor(numels, dtype=torch.int64) + self.block_size - 1) // self.block_size
-            tensor_of_block = torch.repeat_interleave(torch.arange(len(numels)), counts)
-            first_block = torch.cumsum(counts, 0) - counts
-            index_in_tensor = torch.arange(len(tensor_of_block)) - first_block[tensor_of_block]
-            self.n_blocks = len(tensor_of_block)
-            self.block_tensor = _to_device(tensor_of_block.to(torch.int32), self.device)
-            self.block_index = _to_device(index_in_tensor.to(torch.int32), self.device)
+        self.grads = None
+        counts = (torch.tensor(numels, dtype=torch.int64) + block_size - 1) // block_size
+        tensor_of_block = torch.repeat_interleave(torch.arange(len(numels)), counts)
+        first_block = torch.cumsum(counts, 0) - counts
+        index_in_tensor = torch.arange(len(tensor_of_block)) - first_block[tensor_of_block]
+        self.n_blocks = len(tensor_of_block)
+        self.block_tensor = _to_device(tensor_of_block.to(torch.int32), device)
+        self.block_index = _to_device(index_in_tensor.to(torch.int32), device)
+        self.grid = 1
 
 
 def norm_grid(device: torch.device, n_blocks: int, num_partials: int) -> int:

@@ -1,20 +1,41 @@
-"""One optimizer step on the Triton backend: split the tensors between the kernels and the torch
-path, run the norm pass per dtype group, then one update launch per (param group, dtype).
+"""One optimizer step on the Triton backend, and the plan that spares the next step the setup.
 
-Launches per step: one norm pass per dtype group (when clipping, or for Adam's step counters) and
-one update per (param group, dtype): 2 per dtype group for a single param group, whatever the
-number of tensors. No host sync: the clip coefficient, the step counters and a Tensor lr stay on
-the device. Tensors a kernel cannot take (fp64, non-contiguous, misaligned) take the torch path,
-clipped by the same total norm.
+A step splits the tensors between the kernels and the torch path, runs the norm pass per dtype
+group, then one update launch per (param group, dtype): 2 launches per dtype group for a single
+param group, whatever the number of tensors. No host sync: the clip coefficient, the step
+counters and a Tensor lr stay on the device. Tensors a kernel cannot take (fp64, non-contiguous,
+misaligned, empty, tensor subclasses) take the torch path, clipped by the same total norm; their
+gradients are copied first, so that ``.grad`` is never written on this backend.
+
+The plan (StepPlan) holds the addresses of params and state tensors in its tables. A step reuses
+it only after ``StepPlan.inputs`` has checked, before anything launches, that
+- ``opt.state`` is the TrackedState the plan was built from, at the same version (any change of
+  a state entry bumps it: fusedopt/_state.py), and each state dict the user owns holds the same
+  tensors;
+- every param group holds the same params (by identity), the same ones have a grad, with the
+  same row flags (SGD momentum on/off, AMSGrad), and the backend and launch settings are the same;
+- every param and state tensor of the tables is still at its address (``.data =``, ``set_`` or a
+  device move changes it);
+- every grad is a plain contiguous tensor and, whenever its address is new, of its param's
+  numel, 16-byte aligned and not shared with another param.
+Anything else takes the slow path: every check of a first step, and a new plan.
 """
-import math
+import operator
 
 import torch
 
 from fusedopt import clip as _clip
 from fusedopt import nonfinite as _nonfinite
-from fusedopt._multi_tensor import (DeviceInts, LaunchTable, norm_grid, tensors_fit_kernel,
-                                     update_grid)
+from fusedopt._dispatch import interpreting
+from fusedopt._multi_tensor import (DeviceInts, LaunchTable, device_guard, norm_grid,
+                                     scalars_fit_kernel, tensors_fit_kernel, update_grid)
+from fusedopt._state import TrackedState
+
+_GRAD = operator.attrgetter("grad")
+_DATA_PTR = torch.Tensor.data_ptr
+_CONTIGUOUS = torch.Tensor.is_contiguous
+_NUMEL = torch.Tensor.numel
+_ONLY_TENSORS = {torch.Tensor}  # the grad types the fast check accepts (no None, no subclass)
 
 
 class KernelClip:
@@ -27,7 +48,7 @@ class KernelClip:
 
     def __init__(self, device, n_slots, norm_type, max_norm, max_value, num_partials, guard):
         from fusedopt.kernels._common import NORM_INF, NORM_L2, NORM_NONE
-        self.norm = NORM_NONE if max_norm is None else (NORM_INF if norm_type == math.inf else NORM_L2)
+        self.norm = NORM_NONE if max_norm is None else (NORM_INF if norm_type == float("inf") else NORM_L2)
         self.max_norm = 0.0 if max_norm is None else max_norm
         self.value_clip = max_value is not None
         self.max_value = 0.0 if max_value is None else max_value
@@ -56,139 +77,268 @@ def _as_kernel_scalar(t: torch.Tensor, device) -> torch.Tensor:
     return t.reshape(1).to(device=device, dtype=torch.float32, non_blocking=True)
 
 
-class GroupPlan:
-    """What one param group's launches keep between steps: which params the kernels take, grouped
-    by dtype, with their static table rows (param and state addresses, numel, flags).
+def _picker(indices: list[int], n: int):
+    """A function taking the items at ``indices`` from a list of ``n`` (None: all, in order)."""
+    if indices == list(range(n)):
+        return None
+    if len(indices) == 1:
+        i = indices[0]
+        return lambda items: (items[i],)
+    return operator.itemgetter(*indices)
 
-    Rebuilt when ``key`` changes: the params with a grad (identity and storage address), the
-    optimizer's state (its dict, its size, ``_state_version``: load_state_dict and new state bump
-    it) and the row flags (momentum on/off, amsgrad). In between, a step reads only each grad's
-    address and layout. A state tensor replaced by hand, in place of load_state_dict, is not
-    seen: the kernels would go on updating the old one.
-    """
 
-    def __init__(self, opt, group, params, key):
-        from fusedopt.kernels._common import KERNEL_DTYPES
-        self.key = key
-        self.fallback = []
-        self.by_dtype = {}  # dtype -> (params, update rows, norm rows, numels)
-        for p in params:
-            if tensors_fit_kernel([p, p.grad], KERNEL_DTYPES):
-                tensors, scalars, ints = opt._kernel_row(group, p)  # may create p's state
-                if tensors_fit_kernel(tensors, KERNEL_DTYPES):
-                    ps, rows, norm_rows, numels = self.by_dtype.setdefault(p.dtype, ([], [], [], []))
-                    ps.append(p)
-                    numels.append(p.numel())
-                    rows.append([t.data_ptr() for t in tensors + scalars] + [p.numel()] + ints)
-                    norm_rows.append([p.numel()] + [t.data_ptr() for t in scalars])
-                    continue
-            self.fallback.append(p)
+class _DtypeLaunches:
+    """The launches of one dtype: one grad-address table shared by the norm pass and the updates
+    (each param group's segment starts at an even index, so every slice is 16-byte aligned, as
+    the kernels are compiled for), one update table per param group, one norm table."""
 
-    def grad_ptrs(self) -> dict | None:
-        """dtype -> this step's grad addresses; None when a grad no longer fits the kernels (not
-        contiguous or not 16-byte aligned; torch already makes a grad's dtype its param's)."""
-        out = {}
-        for dtype, (ps, *_) in self.by_dtype.items():
-            grads = [p.grad for p in ps]
-            ptrs = [g.data_ptr() for g in grads]
-            if any(x & 15 for x in ptrs) or not all(map(torch.Tensor.is_contiguous, grads)):
-                return None
-            out[dtype] = ptrs
+    def __init__(self, device, dtype):
+        self.device, self.dtype = device, dtype
+        self.grads = DeviceInts(device)
+        self.segments = []  # (param group index, picker, count, update rows, numels)
+        self.flat_ptrs = None  # last step's grad addresses, checked
+        self.numels = []
+        self.updates = []  # (param group index, LaunchTable)
+        self.norm = None
+
+    def add(self, gi, picker, rows, norm_rows, numels):
+        self.segments.append((gi, picker, len(rows), rows, norm_rows, numels))
+        self.numels.extend(numels)
+
+    def build(self, cfg):
+        start = 0
+        for gi, _, count, rows, _, numels in self.segments:
+            table = LaunchTable(self.device, self.dtype, cfg.block_size, rows, numels)
+            table.grid = update_grid(self.device, table.n_blocks, cfg.programs_per_sm)
+            table.grads_slice = (start, start + count)
+            self.updates.append((gi, table))
+            start += count + (count & 1)
+        # the norm pass reads the whole grad table: an empty row (no block) stands for each pad
+        norm_rows, norm_numels = [], []
+        for _, _, count, _, rows, numels in self.segments:
+            norm_rows.extend(rows)
+            norm_numels.extend(numels)
+            if count & 1 and len(self.segments) > 1:
+                norm_rows.append([0] * len(rows[0]))
+                norm_numels.append(0)
+        self.norm = LaunchTable(self.device, self.dtype, cfg.block_size, norm_rows, norm_numels)
+        self.norm.grid = norm_grid(self.device, self.norm.n_blocks, cfg.num_partials)
+
+    def grads_of(self, with_grad: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+        """This dtype's grads, in table order, from each param group's grads."""
+        out = []
+        for gi, picker, *_ in self.segments:
+            out.extend(with_grad[gi] if picker is None else picker(with_grad[gi]))
         return out
 
+    def grads_fit(self, grads, ptrs) -> bool:
+        """The checks a grad address that was not seen last step must pass (the rest of a grad's
+        checks run every step in StepPlan.inputs)."""
+        if list(map(_NUMEL, grads)) != self.numels or len(set(ptrs)) != len(ptrs):
+            return False
+        bits = 0
+        for x in ptrs:
+            bits |= x
+        return bits & 15 == 0 and 0 not in ptrs
 
-def plan_key(opt, group, params):
-    return (tuple(map(id, params)), tuple(p.data_ptr() for p in params), id(opt.state),
-            len(opt.state), opt.__dict__.get("_state_version", 0), opt._row_flags(group))
+    def refresh_grads(self, ptrs) -> None:
+        """Copy this step's grad addresses to the device if they changed (one copy per dtype)."""
+        if len(self.segments) > 1:
+            table, at = [], 0
+            for _, _, count, *_ in self.segments:
+                table.extend(ptrs[at:at + count])
+                table.extend([0] * (count & 1))
+                at += count
+        else:
+            table = ptrs
+        if self.grads.refresh(table) or self.updates[0][1].grads is None:
+            for _, update in self.updates:
+                update.grads = self.grads.tensor[update.grads_slice[0]:update.grads_slice[1]]
+            self.norm.grads = self.grads.tensor
 
 
-def step_triton(opt, gathered, guard):
-    """One step; returns the skip flag (0-dim fp32 on the device) when ``guard`` can skip."""
-    from fusedopt.kernels._common import DEFAULT_LAUNCH
-    from fusedopt.kernels.norm import norm_pass_
+class _GroupEntry:
+    """One param group in a plan: its params' identities, the indices of those without a grad,
+    its row flags, and the indices (into its params with a grad) that take the torch path."""
 
-    cfg = opt.__dict__.get("_launch_config", DEFAULT_LAUNCH)  # bench/tune.py sets another
+    __slots__ = ("ids", "missing", "flags", "fallback", "fallback_params")
 
-    tables = opt.__dict__.setdefault("_launch_tables", {})
-    plans = opt.__dict__.setdefault("_group_plans", {})
-    # 1. which tensors the kernels take (cached per param group), and this step's grad addresses
-    group_plans, grad_ptrs = [], []
-    for gi, (group, params) in enumerate(zip(opt.param_groups, gathered)):
-        key = plan_key(opt, group, params)
-        plan = plans.get(gi)
-        ptrs = None if plan is None or plan.key != key else plan.grad_ptrs()
-        if ptrs is None:
-            plan = plans[gi] = GroupPlan(opt, group, params, key)
-            ptrs = plan.grad_ptrs()
-        group_plans.append(plan)
-        grad_ptrs.append(ptrs)
-    fallback = [plan.fallback for plan in group_plans]
-    fallback_params = [p for ps in fallback for p in ps]
-    dtypes = list(dict.fromkeys(dt for plan in group_plans for dt in plan.by_dtype))
-    if not dtypes:
+    def __init__(self, group, opt):
+        params = group["params"]
+        self.ids = list(map(id, params))
+        self.missing = [i for i, p in enumerate(params) if p.grad is None]
+        self.flags = opt._row_flags(group)
+        self.fallback, self.fallback_params = [], []
+
+
+class StepPlan:
+    """What a Triton step keeps (module docstring): built by ``StepPlan(opt, gathered)`` on a slow
+    step; ``inputs(opt)`` checks it and gathers this step's grads, ``run`` launches."""
+
+    def __init__(self, opt, gathered, device):
+        from fusedopt.kernels._common import DEFAULT_LAUNCH, KERNEL_DTYPES
+        state = opt.state
+        # state made below (first steps) bumps the version: such a plan serves one step only,
+        # which is also what drops SGD's first-step flags from its rows.
+        self.state = state if type(state) is TrackedState else None
+        self.version = state.version if self.state is not None else None
+        self.foreign = [(d, list(d.items())) for d in state.foreign.values()] \
+            if self.state is not None else None
+        self.backend = opt.backend
+        self.cfg_key = opt.__dict__.get("_launch_config")
+        self.cfg = self.cfg_key or DEFAULT_LAUNCH
+        self.device = device
+        self.interpret = device.type == "cpu"
+        self.entries = []
+        self.static, self.static_ptrs = [], []
+        launches: dict[torch.dtype, _DtypeLaunches] = {}
+        for gi, (group, params) in enumerate(zip(opt.param_groups, gathered)):
+            entry = _GroupEntry(group, opt)
+            by_dtype: dict[torch.dtype, tuple] = {}
+            for i, p in enumerate(params):
+                row = None
+                if tensors_fit_kernel([p, p.grad], KERNEL_DTYPES, device):
+                    row = opt._kernel_row(group, p)  # may create p's state
+                    tensors, scalars, _ = row
+                    if not (tensors_fit_kernel(tensors, KERNEL_DTYPES, device)
+                            and scalars_fit_kernel(scalars, device)):
+                        row = None
+                if row is None:
+                    entry.fallback.append(i)
+                    entry.fallback_params.append(p)
+                    continue
+                tensors, scalars, ints = row
+                idx, rows, norm_rows, numels = by_dtype.setdefault(p.dtype, ([], [], [], []))
+                idx.append(i)
+                numels.append(p.numel())
+                rows.append([t.data_ptr() for t in tensors + scalars] + [p.numel()] + ints)
+                norm_rows.append([p.numel()] + [t.data_ptr() for t in scalars])
+                for t in dict.fromkeys(tensors + scalars, None):  # p twice when it stands in
+                    self.static.append(t)
+            for dtype, (idx, rows, norm_rows, numels) in by_dtype.items():
+                launch = launches.setdefault(dtype, _DtypeLaunches(device, dtype))
+                launch.add(gi, _picker(idx, len(params)), rows, norm_rows, numels)
+            self.entries.append(entry)
+        self.static_ptrs = list(map(_DATA_PTR, self.static))
+        with device_guard(device):
+            for launch in launches.values():
+                launch.build(self.cfg)
+        self.launches = list(launches.values())
+        self.has_fallback = any(e.fallback for e in self.entries)
+
+    @property
+    def reusable(self) -> bool:
+        """Whether a later step may take this plan (only over a TrackedState)."""
+        return self.state is not None
+
+    def inputs(self, opt):
+        """This step's grads per param group (those with a grad, in order), or None when
+        anything the plan rests on changed (module docstring). Reads no device value."""
+        state = opt.state
+        if state is not self.state or state.version != self.version:
+            return None
+        for d, items in self.foreign:
+            if len(d) != len(items) or any(d.get(k) is not v for k, v in items):
+                return None
+        if opt.backend is not self.backend or opt.__dict__.get("_launch_config") is not self.cfg_key:
+            return None
+        if self.interpret and not interpreting():
+            return None
+        groups = opt.param_groups
+        if len(groups) != len(self.entries):
+            return None
+        with_grad = []
+        for group, entry in zip(groups, self.entries):
+            params = group["params"]
+            if list(map(id, params)) != entry.ids or opt._row_flags(group) != entry.flags:
+                return None
+            grads = list(map(_GRAD, params))
+            if set(map(type, grads)) - _ONLY_TENSORS:  # None, or a tensor subclass
+                missing = [i for i, g in enumerate(grads) if g is None]
+                if missing != entry.missing:
+                    return None
+                grads = [g for g in grads if g is not None]
+                if set(map(type, grads)) - _ONLY_TENSORS:
+                    return None
+            elif entry.missing:
+                return None
+            with_grad.append(grads)
+        if list(map(_DATA_PTR, self.static)) != self.static_ptrs:
+            return None
+        per_dtype = []
+        for launch in self.launches:
+            grads = launch.grads_of(with_grad)
+            try:
+                ptrs = list(map(_DATA_PTR, grads))
+                if not all(map(_CONTIGUOUS, grads)):
+                    return None
+            except RuntimeError:  # sparse: the slow path names it
+                return None
+            if ptrs != launch.flat_ptrs and not launch.grads_fit(grads, ptrs):
+                return None
+            per_dtype.append(ptrs)
+        return with_grad, per_dtype
+
+    def run(self, opt, inputs, guard):
+        """Launch this step; returns the skip flag (0-dim fp32 on the device) when ``guard``
+        can skip."""
+        with_grad, per_dtype = inputs
+        fallback = [[grads[i] for i in entry.fallback] for entry, grads in zip(self.entries, with_grad)] \
+            if self.has_fallback else None
+        with device_guard(self.device):
+            return self._launch(opt, per_dtype, fallback, guard)
+
+    def _launch(self, opt, per_dtype, fallback_grads, guard):
+        from fusedopt.kernels.norm import norm_pass_
+        device, cfg = self.device, self.cfg
+        clipping = opt.max_grad_norm is not None
+        clip = KernelClip(device, len(self.launches) + (1 if fallback_grads else 0), opt.norm_type,
+                          opt.max_grad_norm, opt.max_grad_value, cfg.num_partials, guard)
+        # 1. per dtype: this step's grad addresses (one copy, when they changed), the norm pass
+        #    (it also advances Adam's step counters and looks for inf/NaN)
+        for slot, (launch, ptrs) in enumerate(zip(self.launches, per_dtype)):
+            launch.refresh_grads(ptrs)
+            launch.flat_ptrs = ptrs
+            if clipping or opt._HAS_STEP or clip.detect:
+                norm_pass_(launch.norm, clip, slot, launch.dtype, opt.max_grad_value, opt._HAS_STEP,
+                           launch.norm.grid, cfg.num_warps)
+        if fallback_grads:
+            # copies: the torch path unscales and clamps in place, and .grad stays as it was
+            fallback_grads = [[g.clone() for g in gs] for gs in fallback_grads]
+            _fallback_prepare_(clip, [g for gs in fallback_grads for g in gs], opt, guard,
+                               len(self.launches), cfg.num_partials)
+        # 2. the updates, once every norm pass (and the torch-path share) is in the partials
+        for launch in self.launches:
+            for gi, table in launch.updates:
+                opt._launch_update_(opt.param_groups[gi], table, clip, table.grid, cfg.num_warps)
+        if clipping:
+            opt.grad_norm = clip.out[0]
+        skip = clip.out[1] if clip.skips else None
+        # 3. the torch path for the rest, clipped by the same total norm, skipped by the same flag
+        if fallback_grads:
+            scale = _clip.ClipScale(clip.out[0], opt.max_grad_norm) if clipping else None
+            opt._step_torch_groups([e.fallback_params for e in self.entries], scale, skip,
+                                   fallback_grads)
+        return skip
+
+
+def step_triton(opt, gathered, guard, device):
+    """A step with a new plan (kept for later steps when it can be: StepPlan.reusable)."""
+    plan = StepPlan(opt, gathered, device)
+    if not plan.launches:
+        opt.__dict__.pop("_step_plan", None)
         return opt._step_torch(gathered, guard)
-    device = next(entry[0][0].device for plan in group_plans for entry in plan.by_dtype.values())
-    clipping = opt.max_grad_norm is not None
-    clip = KernelClip(device, len(dtypes) + (1 if fallback_params else 0), opt.norm_type,
-                      opt.max_grad_norm, opt.max_grad_value, cfg.num_partials, guard)
-
-    # 2. per dtype: the grad addresses of all param groups in one device array (one copy per
-    #    step), the norm pass over them (it also advances Adam's step counters and looks for
-    #    inf/NaN), then one update launch per param group reading its slice of the same array
-    updates = []
-    for slot, dtype in enumerate(dtypes):
-        parts = [(gi, plan.by_dtype[dtype]) for gi, plan in enumerate(group_plans)
-                 if dtype in plan.by_dtype]
-        grads = _cached(tables, ("grads", dtype), DeviceInts, device)
-        grads.refresh(grad_ptrs[parts[0][0]][dtype] if len(parts) == 1
-                      else [x for gi, _ in parts for x in grad_ptrs[gi][dtype]])
-        offset = 0
-        for gi, (ps, rows, _, numels) in parts:
-            table = _cached(tables, ("update", gi, dtype), LaunchTable, device, dtype,
-                            cfg.block_size)
-            table.refresh(rows, numels, grads.tensor[offset:offset + len(ps)])
-            updates.append((opt.param_groups[gi], table))
-            offset += len(ps)
-        if clipping or opt._HAS_STEP or clip.detect:
-            table = _cached(tables, ("norm", dtype), LaunchTable, device, dtype, cfg.block_size)
-            if len(parts) == 1:
-                table.refresh(parts[0][1][2], parts[0][1][3], grads.tensor)
-            else:
-                table.refresh([row for _, entry in parts for row in entry[2]],
-                              [n for _, entry in parts for n in entry[3]], grads.tensor)
-            norm_pass_(table, clip, slot, dtype, opt.max_grad_value, opt._HAS_STEP,
-                       norm_grid(device, table.n_blocks, cfg.num_partials), cfg.num_warps)
-    if fallback_params:
-        _fallback_prepare_(clip, fallback_params, opt, guard, len(dtypes), cfg.num_partials)
-
-    # 3. the updates, once every norm pass (and the torch-path share) is in the partials
-    for group, table in updates:
-        opt._launch_update_(group, table, clip,
-                            update_grid(device, table.n_blocks, cfg.programs_per_sm), cfg.num_warps)
-    if clipping:
-        opt.grad_norm = clip.out[0]
-    skip = clip.out[1] if clip.skips else None
-
-    # 4. the torch path for the rest, clipped by the same total norm, skipped by the same flag
-    if fallback_params:
-        scale = _clip.ClipScale(clip.out[0], opt.max_grad_norm) if clipping else None
-        opt._step_torch_groups(fallback, scale, skip)
-    return skip
+    opt._step_plan = plan if plan.reusable else None
+    # the plan's own checks ran on these very tensors while it was built
+    with_grad = [[p.grad for p in ps] for ps in gathered]
+    per_dtype = [list(map(_DATA_PTR, launch.grads_of(with_grad))) for launch in plan.launches]
+    return plan.run(opt, (with_grad, per_dtype), guard)
 
 
-def _cached(tables, key, cls, *args):
-    """The launch-table object cached under ``key``, made anew for another device or block size."""
-    obj = tables.get(key)
-    if obj is None or obj.device != args[0] or (len(args) > 2 and obj.block_size != args[2]):
-        obj = tables[key] = cls(*args)
-    return obj
-
-
-def _fallback_prepare_(clip, params, opt, guard, slot, width) -> None:
-    """The torch-path tensors' grads, made ready in place as the torch path does (unscaled, inf/NaN
-    checked, clamped), and their shares of the norm and of the inf/NaN check, written as one more
-    partials slot (``slot``) beside the kernels' ones."""
-    grads = [p.grad for p in params]
+def _fallback_prepare_(clip, grads, opt, guard, slot, width) -> None:
+    """The torch-path tensors' grads (copies), made ready in place as the torch path does
+    (unscaled, inf/NaN checked, clamped), and their shares of the norm and of the inf/NaN check,
+    written as one more partials slot (``slot``) beside the kernels' ones."""
     device = clip.partials.device
     if guard.scale is not None or guard.detect:
         found = _nonfinite.unscale_and_check_(grads, _nonfinite.StepGuard(guard.scale, None, True),

@@ -76,7 +76,6 @@ class _AdamStep(ClippedStep):
 
     def _state_for(self, p, amsgrad):
         state = self.state[p]
-        before = len(state)
         if len(state) == 0:
             # torch's keys; step is fp32 on the param's device (torch's fused/capturable layout,
             # and on CPU also its default one), since the fused ops and kernels read it there.
@@ -86,11 +85,8 @@ class _AdamStep(ClippedStep):
         elif state["step"].device != p.device or state["step"].dtype != torch.float32:
             # a state_dict from torch.optim(foreach/for-loop) on CUDA keeps step on the CPU
             state["step"] = state["step"].to(device=p.device, dtype=torch.float32)
-            self._state_changed()
         if amsgrad and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if len(state) != before:
-            self._state_changed()
         return state
 
     # Triton backend: table row = p, exp_avg, exp_avg_sq, max_exp_avg_sq, step | numel

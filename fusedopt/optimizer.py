@@ -11,6 +11,7 @@ from fusedopt import clip as _clip
 from fusedopt import nonfinite as _nonfinite
 from fusedopt._dispatch import check_backend, choose_backend
 from fusedopt._grouping import group_by_device_dtype, pick
+from fusedopt._state import tracked_copy
 
 # Instance attributes that torch.optim.Optimizer.__getstate__ would drop (pickle, deepcopy).
 _OWN_ATTRS = ("max_grad_norm", "norm_type", "max_grad_value", "nonfinite", "backend", "grad_norm",
@@ -101,6 +102,21 @@ def class_doc(summary: str, update_math: str, args: str, name: str, state_note: 
     """
 
 
+def _duplicate_message(name, where, first, second, p) -> str:
+    return (f"fusedopt.{name}: {where} lists one parameter twice (positions {first} and {second}, "
+            f"shape {tuple(p.shape)}); torch.optim warns and steps it twice, which one fused "
+            "launch cannot do: list each parameter once")
+
+
+def _storage_key(g: torch.Tensor):
+    """What identifies a gradient's memory: its address (the object for an empty tensor or a
+    wrapper subclass without storage, whose data_ptr() is 0)."""
+    try:
+        return g.data_ptr() or id(g)
+    except RuntimeError:  # no storage (some subclasses)
+        return id(g)
+
+
 class ClippedStep:
     """Mixed in before a torch.optim class: clip settings, input checks and ``step``.
 
@@ -124,8 +140,12 @@ class ClippedStep:
     _step_supports_amp_scaling = True
 
     def _after_torch_init(self) -> None:
-        devices = {p.device for g in self.param_groups for p in g["params"]}
-        choose_backend(self.backend, devices)  # fail at construction, not at the first step
+        # fail at construction, not at the first step; meta params (deferred initialisation) are
+        # decided at step(), once they are materialized
+        devices = {p.device for g in self.param_groups for p in g["params"]
+                   if p.device.type != "meta"}
+        choose_backend(self.backend, devices)
+        self.state = tracked_copy(self.state)  # fusedopt/_state.py: the Triton path trusts it
 
     # -- input checks ---------------------------------------------------------------------------
 
@@ -142,6 +162,7 @@ class ClippedStep:
         elif not isinstance(params, set):  # torch raises its own TypeError for a set
             param_group = dict(param_group, params=list(params))  # a generator is read once
             params = param_group["params"]
+        seen = {}
         for i, p in enumerate(params):
             p = p[1] if isinstance(p, tuple) else p  # named parameters: (name, tensor)
             if isinstance(p, torch.Tensor) and not p.is_floating_point():
@@ -149,25 +170,46 @@ class ClippedStep:
                 raise TypeError(
                     f"fusedopt.{name}: parameter {i} of the new group (shape {tuple(p.shape)}) has "
                     f"{kind} dtype {p.dtype}; only floating-point parameters are supported")
+            if id(p) in seen:
+                raise ValueError(_duplicate_message(name, "the new group", seen[id(p)], i, p))
+            seen[id(p)] = i
         super().add_param_group(param_group)
 
     def _gather(self) -> list[list[torch.Tensor]]:
         """Per param group, the params that have a grad; every check runs before anything is written.
 
-        Per-param work here is paid every step (about 0.3 us a param on the 2-core CI machine), so
-        it checks only what can change between steps: the grad's layout. Param dtypes are checked
-        when a group is added.
+        The slow path of every step (the torch backend's, and the Triton backend's whenever its
+        plan must be rebuilt): the grads' layouts, a param listed twice (torch.optim warns and
+        steps it twice; one fused launch cannot: refused) and one grad shared by two params
+        (clip and unscale in place would touch it twice, and the fused ops write it back:
+        refused). Param dtypes are checked when a group is added.
         """
-        gathered = []
+        name = type(self).__name__
+        gathered, seen, grad_owner = [], {}, {}
         for gi, group in enumerate(self.param_groups):
-            with_grad = [p for p in group["params"] if p.grad is not None]
-            for p in with_grad:
-                if p.grad.layout is not torch.strided:
-                    pi = next(i for i, q in enumerate(group["params"]) if q is p)
+            with_grad = []
+            for pi, p in enumerate(group["params"]):
+                if id(p) in seen:
+                    raise ValueError(_duplicate_message(name, f"group {gi}", seen[id(p)], (gi, pi), p))
+                seen[id(p)] = (gi, pi)
+                g = p.grad
+                if g is None:
+                    continue
+                if g.layout is not torch.strided:
                     raise RuntimeError(
-                        f"fusedopt.{type(self).__name__} does not support sparse gradients (group "
-                        f"{gi}, parameter {pi}, shape {tuple(p.shape)}, layout {p.grad.layout}); "
+                        f"fusedopt.{name} does not support sparse gradients (group "
+                        f"{gi}, parameter {pi}, shape {tuple(p.shape)}, layout {g.layout}); "
                         "densify with .to_dense() or use torch.optim.SparseAdam")
+                key = _storage_key(g)
+                if key in grad_owner:
+                    (gj, pj) = grad_owner[key]
+                    raise ValueError(
+                        f"fusedopt.{name}: parameter {pj} of group {gj} and parameter {pi} of group "
+                        f"{gi} share one .grad (shape {tuple(g.shape)}, the same memory); the step "
+                        "clips and unscales each param's gradient, so each needs its own: assign "
+                        "a copy (p.grad = g.clone())")
+                grad_owner[key] = (gi, pi)
+                with_grad.append(p)
             gathered.append(with_grad)
         return gathered
 
@@ -190,14 +232,20 @@ class ClippedStep:
             with torch.enable_grad():
                 loss = closure()
         guard = _nonfinite.StepGuard.for_step(self)
-        gathered = self._gather()
-        params = [p for ps in gathered for p in ps]
         self._nonfinite_where = None
-        if params and choose_backend(self.backend, {p.device for p in params}) == "triton":
-            from fusedopt._triton_step import step_triton
-            self.step_skipped = step_triton(self, gathered, guard)
+        plan = self.__dict__.get("_step_plan")  # the Triton path's, from an earlier step
+        inputs = None if plan is None else plan.inputs(self)
+        if inputs is not None:
+            self.step_skipped = plan.run(self, inputs, guard)
         else:
-            self.step_skipped = self._step_torch(gathered, guard)
+            self._step_plan = None
+            gathered = self._gather()
+            devices = {p.device for ps in gathered for p in ps}
+            if devices and choose_backend(self.backend, devices) == "triton":
+                from fusedopt._triton_step import step_triton
+                self.step_skipped = step_triton(self, gathered, guard, next(iter(devices)))
+            else:
+                self.step_skipped = self._step_torch(gathered, guard)
         if guard.policy == "raise" and self.step_skipped is not None and bool(self.step_skipped):
             # the Triton path never writes .grad, so the culprit can be found after the step
             where = self._nonfinite_where
@@ -223,26 +271,31 @@ class ClippedStep:
         self._step_torch_groups(gathered, clip, skip)
         return skip
 
-    def _step_torch_groups(self, gathered, clip, skip) -> None:
+    def _step_torch_groups(self, gathered, clip, skip, grads=None) -> None:
         """The torch-path update of ``gathered`` (per param group), one call per (device, dtype);
-        ``skip`` (a 0-dim 0/1 flag, or None) skips it on the device."""
-        for group, group_params in zip(self.param_groups, gathered):
+        ``skip`` (a 0-dim 0/1 flag, or None) skips it on the device. ``grads`` (per param group,
+        like ``gathered``): the gradients to use, when not the params' own ``.grad``."""
+        for gi, (group, group_params) in enumerate(zip(self.param_groups, gathered)):
+            group_grads = [p.grad for p in group_params] if grads is None else grads[gi]
             for (device, dtype), idx in group_by_device_dtype(group_params).items():
                 ps = pick(group_params, idx)
-                gs = [p.grad for p in ps]
+                gs = pick(group_grads, idx)
                 grad_scale = clip.grad_scale_for(gs, device, dtype) if clip is not None else None
                 found_inf = None if skip is None else scalar_on(skip, device)
                 self._update_(group, ps, gs, grad_scale, device, found_inf)
 
-    # -- state bookkeeping for the Triton backend's cached tables ---------------------------------
+    # -- state bookkeeping for the Triton backend's cached plan -----------------------------------
 
-    def _state_changed(self) -> None:
-        """State tensors were created or replaced: the Triton tables must be rebuilt."""
-        self._state_version = self.__dict__.get("_state_version", 0) + 1
+    def state_dict(self):
+        """torch.optim's, with plain dicts per parameter (torch.load(weights_only=True) takes no
+        other class; ours are fusedopt/_state.py's tracked ones)."""
+        out = super().state_dict()
+        out["state"] = {k: dict(v) if isinstance(v, dict) else v for k, v in out["state"].items()}
+        return out
 
     def load_state_dict(self, state_dict) -> None:
         super().load_state_dict(state_dict)
-        self._state_changed()
+        self.state = tracked_copy(self.state)  # torch's new dicts, tracked (fusedopt/_state.py)
 
     # -- keep the clip settings through pickle / deepcopy and show them -------------------------
 

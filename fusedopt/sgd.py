@@ -29,7 +29,9 @@ def sgd_torch_(params, grads, momentum_buffers, *, lr, momentum, dampening, weig
     ``b = mu * 0 + (1 - dampening) * g`` is torch's ``b = g`` unless dampening is set.
     """
     bufs = momentum_buffers if momentum != 0 else [None] * len(params)
-    if params[0].device.type == "cpu" and params[0].dtype in _CPU_FUSED_BROKEN:
+    device = params[0].device
+    if (device.type == "cpu" and params[0].dtype in _CPU_FUSED_BROKEN) or device.type == "meta":
+        # meta (deferred initialisation: shapes only): torch 2.13's _fused_sgd_ has no meta kernel
         return sgd_foreach_(params, grads, bufs, lr=lr, momentum=momentum, dampening=dampening,
                             weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
                             grad_scale=grad_scale, found_inf=found_inf)
@@ -132,10 +134,9 @@ class SGD(ClippedStep, torch.optim.SGD):
         if group["momentum"] == 0:
             return [p, p], [], [0]  # the buffer column is never read
         state = self.state[p]
-        first = "momentum_buffer" not in state
+        first = state.get("momentum_buffer") is None  # None: what torch <= 2.0 saved before one
         if first:
             state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
-            self._state_changed()
         return [p, state["momentum_buffer"]], [], [int(first)]
 
     def _launch_update_(self, group, table, clip, grid, num_warps):

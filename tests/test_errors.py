@@ -124,10 +124,17 @@ def test_triton_backend_on_cpu_without_interpreter_says_why(name, monkeypatch):
 
 
 def test_triton_backend_refuses_several_devices(monkeypatch):
+    """Meta params are decided at step() (deferred initialisation), so a CPU + meta mix is
+    refused there, before anything is written; without a GPU meta is the only second device."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     params = make_params(SHAPES, torch.float32) + [torch.nn.Parameter(torch.ones(2, device="meta"))]
+    opt = fusedopt.SGD(params, backend="triton")
+    before = [p.detach().clone() for p in params[:-1]]
+    for p in params:
+        p.grad = torch.ones_like(p)
     with pytest.raises(RuntimeError, match="span several devices"):
-        fusedopt.SGD(params, backend="triton")
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
 
 
 def test_backend_torch_runs_on_cpu():
