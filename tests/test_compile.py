@@ -1,9 +1,12 @@
-"""Machine code without a GPU: every kernel variant compiles for sm_80 and sm_90, spills nothing,
-and moves each tensor with 128-bit global loads and stores on its full blocks.
+"""Machine code without a GPU: every kernel variant, built as the runtime builds it from a real
+optimizer step's launch (the binder's pointer divisibility, the launch's own options), compiles for
+sm_80 and sm_90, spills nothing, moves each tensor with 128-bit global loads and stores on its full
+blocks, and AMSGrad's max keeps NaN.
 
-tests/compile_kernels.py does the compiling, in a child process without TRITON_INTERPRET (the
-interpreter replaces the JIT functions that triton.compile needs), with Triton's bundled ptxas
-giving registers and spill bytes.
+tests/compile_kernels.py records the launches and compiles them, in a child process without
+TRITON_INTERPRET (the interpreter replaces the JIT functions that triton.compile needs), with
+Triton's bundled ptxas giving registers and spill bytes. A variant has one build per distinct
+specialization its launches get (say, a pointer only 8-byte aligned in one param group's launch).
 """
 import json
 import os
@@ -33,31 +36,62 @@ TRAFFIC = {
     "sgd-fp32-momentum-clip-amp-fused": (3, 2, 4),
     "sgd-fp16-all-guards": (3, 2, 2),
 }
+AMSGRAD = ("adam-fp32-all-flags", "adam-fp16-amsgrad")
 ARCHS = ("sm_80", "sm_90")
 ELEMENTS_PER_THREAD = 8  # BLOCK_SIZE 1024 / (4 warps x 32 threads)
+PARTIALS_PER_THREAD = 8  # NUM_PARTIALS 1024 / (4 warps x 32 threads)
 
 
 @pytest.fixture(scope="module")
 def report():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     run = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, env=env,
                          timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout)
 
 
-def test_every_variant_is_reported(report):
-    assert set(report) == set(TRAFFIC)
+def builds(report, variant):
+    found = report["variants"][variant]["builds"]
+    assert found, f"no launch of {variant}: its configuration (compile_kernels.STEPS) made none"
+    return found
+
+
+def test_every_variant_is_built(report):
+    assert set(report["variants"]) == set(TRAFFIC)
+    for variant in TRAFFIC:
+        builds(report, variant)
+
+
+@pytest.mark.parametrize("variant", list(TRAFFIC))
+def test_launch_specializes_as_named(report, variant):
+    """The configuration behind each name launches the constexprs the name says."""
+    expected = report["variants"][variant]["expected"]
+    for build in builds(report, variant):
+        assert build["constexprs"] == expected
+
+
+def test_launches_pin_fp_fusion(report):
+    """Every launch says enable_fp_fusion itself: Triton's default turns from on to off in 3.10
+    (3.9 warns), and a Triton upgrade must not change the numbers. The build used it."""
+    unpinned = [launch for launch in report["launches"]
+                if "enable_fp_fusion" not in launch["options"]]
+    assert not unpinned, f"{len(unpinned)} launches leave enable_fp_fusion to Triton: {unpinned[0]}"
+    for variant in TRAFFIC:
+        for build in builds(report, variant):
+            for arch in ARCHS:
+                assert build[arch]["enable_fp_fusion"] == build["options"]["enable_fp_fusion"]
+                assert build[arch]["num_warps"] == build["options"]["num_warps"]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("variant", list(TRAFFIC))
 def test_compiles_without_spills(report, variant, arch):
-    facts = report[variant][arch]
-    assert facts["cubin_bytes"] > 0
-    assert facts["spill_bytes"] == 0, facts
-    assert 0 < facts["registers"] <= 128, facts  # 128: room for 4 blocks of 128 threads per SM
+    for build in builds(report, variant):
+        facts = build[arch]
+        assert facts["cubin_bytes"] > 0
+        assert facts["spill_bytes"] == 0, build
+        assert 0 < facts["registers"] <= 128, build  # 128: room for 4 blocks of 128 threads per SM
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -65,6 +99,20 @@ def test_compiles_without_spills(report, variant, arch):
 def test_full_blocks_use_128_bit_accesses(report, variant, arch):
     reads, writes, elt = TRAFFIC[variant]
     per_tensor = ELEMENTS_PER_THREAD * elt // 16  # 128-bit accesses per thread per tensor
-    facts = report[variant][arch]
-    assert facts["v4_loads"] >= reads * per_tensor, facts
-    assert facts["v4_stores"] >= writes * per_tensor, facts
+    for build in builds(report, variant):
+        facts = build[arch]
+        assert facts["v4_loads"] >= reads * per_tensor, build
+        assert facts["v4_stores"] >= writes * per_tensor, build
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("variant", AMSGRAD)
+def test_amsgrad_max_keeps_nan(report, variant, arch):
+    """max(max_exp_avg_sq, v) as torch.maximum, which returns NaN if either is NaN: PTX max.NaN.f32,
+    one per element a thread holds, in the full-block and in the tail-block copy of the update.
+    Plain max.f32 returns the other operand, so a NaN v left max_exp_avg_sq finite and the NaN
+    out of the update. The inf-norm's partials reduction (NORM 1) adds its own NaN-keeping max."""
+    for build in builds(report, variant):
+        assert build["constexprs"]["AMSGRAD"] == "True"
+        norm_share = PARTIALS_PER_THREAD if build["constexprs"]["NORM"] == "1" else 0
+        assert build[arch]["nan_max"] >= 2 * ELEMENTS_PER_THREAD + norm_share, build
