@@ -1,8 +1,14 @@
 """The main job's scripts still run end to end (tiny settings; timings are not looked at)."""
+import importlib
 import json
+import os
 import pathlib
 import subprocess
 import sys
+import types
+
+import pytest
+import torch
 
 BENCH = pathlib.Path(__file__).resolve().parent.parent / "bench"
 
@@ -34,3 +40,123 @@ def test_train_py_loss_curves_coincide(tmp_path):
     assert "max |loss a - loss b|" in out
     (result,) = tmp_path.glob("train-*.json")
     assert result.with_suffix(".png").stat().st_size > 0
+
+
+# -- bench/tune.py ------------------------------------------------------------------------------
+
+def run_tune(*args, tmp_path, device):
+    """tune.py --smoke on ``device``: on CPU under the interpreter (the kernels run nowhere
+    else)."""
+    env = dict(os.environ)
+    if device == "cpu":
+        env["TRITON_INTERPRET"] = "1"
+    else:
+        env.pop("TRITON_INTERPRET", None)
+    return subprocess.run([sys.executable, str(BENCH / "tune.py"), "--smoke", "--device", device,
+                           *args, "--out-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.fixture
+def tune(monkeypatch):
+    """bench/tune.py imported (bench/ on sys.path for its own imports; its modules dropped
+    after)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    before = set(sys.modules)
+    yield importlib.import_module("tune")
+    for name in ("tune", "run", "measure", "report", "shapes"):
+        if name not in before:
+            sys.modules.pop(name, None)
+
+
+def test_tune_py_sweeps_and_writes_best_settings(tmp_path):
+    # GPU: AdamW only, to keep the compiles (about 2 a config) few; CPU: AdamW and SGD
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    done = run_tune(*(["--optimizers", "adamw"] if device == "cuda" else []), tmp_path=tmp_path,
+                    device=device)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "## Best settings" in done.stdout and "LaunchConfig(" in done.stdout
+    (md,) = tmp_path.glob("tune-*-smoke.md")
+    data = json.loads(md.with_suffix(".json").read_text())
+    meta, rows = data["meta"], data["results"]
+    assert {"torch", "triton", "cuda"} <= set(meta["versions"]) and meta["date"] and meta["device"]
+    assert meta["copy_gbs"] > 0 and meta["stopped_early"] is None
+    optimizers = ["adamw"] if device == "cuda" else ["adamw", "sgd"]
+    assert set(data["best"]) == {f"{o}/float32" for o in optimizers}
+    for o in optimizers:
+        mine = [r for r in rows if r["optimizer"] == o]
+        assert all("error" not in r for r in mine), [r["error"] for r in mine if "error" in r]
+        stages = {r["stage"] for r in mine}
+        assert {"default", "programs_per_sm", "block_size", "num_warps", "num_partials"} <= stages
+        # the bytes formula is run.py's: norm pass 1 + update (AdamW 7, SGD 5) elements of 4 B
+        assert all(r["bytes_per_element"] == {"adamw": 32, "sgd": 24}[o] for r in mine)
+        for r in mine:
+            assert r["median_ms"] > 0 and len(r["times_ms"]) >= 2
+            assert abs(r["gb_per_s"] - r["bytes_per_element"] * r["numel"] / r["median_ms"] / 1e6) \
+                <= 1e-6 * r["gb_per_s"]
+        assert data["best"][f"{o}/float32"]["launch_config"].startswith("LaunchConfig(block_size=")
+    if device == "cuda":  # registers read from the compiled kernels, and the grid they allow
+        assert all(r["kernels"]["update"]["n_regs"] > 0 for r in rows)
+        assert any(r["grid_rule"] == "occupancy" for r in rows)
+
+
+def test_tune_py_stops_at_its_budget(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("the budget logic is device-independent; the CPU run is the cheaper proof")
+    done = run_tune("--budget-s", "0.001", tmp_path=tmp_path, device="cpu")
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads(next(tmp_path.glob("tune-*-smoke.json")).read_text())
+    assert [r["stage"] for r in data["results"]] == ["default"]  # the first config always runs
+    assert data["meta"]["stopped_early"] and "sgd float32: all" in data["meta"]["skipped"]
+    assert "stopped early" in done.stdout
+
+
+def test_tune_py_occupancy_arithmetic(tune):
+    h100 = dict(regs_per_sm=65536, max_warps_per_sm=64, max_blocks_per_sm=32,
+                shared_per_sm=233472, shared_reserved_per_block=1024)
+    fit = tune.programs_per_sm_fit
+    assert [fit(r, 4, 0, h100) for r in (56, 64, 72, 128)] == [9, 8, 7, 4]
+    assert fit(64, 8, 0, h100) == 4 and fit(16, 1, 0, h100) == 32  # then the 32-program limit
+    assert fit(32, 4, 100_000, h100) == 2  # shared memory: 233472 // (100000 + 1024)
+    assert fit(None, 4, 0, h100) is None and fit(64, 4, 0, {}) is None
+    update = dict(n_regs=56, shared=0)
+    assert tune.resolve_programs_per_sm("occupancy", update, 4, h100) == (9, "occupancy")
+    assert tune.resolve_programs_per_sm("2x occupancy", update, 4, h100) == (18, "2x occupancy")
+    assert tune.resolve_programs_per_sm(16, None, 4, {}) == (16, "fixed")
+    with pytest.raises(RuntimeError, match="registers are unknown"):
+        tune.resolve_programs_per_sm("occupancy", None, 4, h100)
+
+
+def test_tune_py_reads_registers_from_either_jit_cache_layout(tune):
+    class Kernel:  # a CompiledKernel before its first launch: no n_regs until _init_handles
+        metadata = types.SimpleNamespace(name="_k", shared=64, num_warps=4)
+
+        def _init_handles(self):
+            self.n_regs, self.n_spills = 56, 0
+
+    new, old, legacy = Kernel(), Kernel(), Kernel()
+    fns = [types.SimpleNamespace(device_caches={0: ({"a": new}, {}, "target", "backend", "bind")}),
+           types.SimpleNamespace(device_caches={0: ({"b": old}, "target", "backend", "binder")}),
+           types.SimpleNamespace(cache={0: {"c": legacy}})]
+    assert [tune.compiled_kernels(f) for f in fns] == [[new], [old], [legacy]]
+    assert tune.kernel_facts(new) == dict(name="_k", n_regs=56, n_spills=0, shared=64, num_warps=4)
+    module = types.SimpleNamespace(**{f"f{i}": f for i, f in enumerate(fns)}, other=3)
+    assert tune.jit_functions(module) == fns
+
+
+def test_tune_py_tells_the_norm_kernel_from_the_update(tune, monkeypatch):
+    class Kernel:
+        def __init__(self, name, n_regs):
+            self.name, self.n_regs, self.n_spills = name, n_regs, 0
+            self.metadata = types.SimpleNamespace(name=name, shared=0, num_warps=4)
+
+    cache = {}
+    jit_fn = types.SimpleNamespace(device_caches={0: (cache, {}, None, None, None)},
+                                   module="fusedopt.kernels.somewhere")
+    monkeypatch.setitem(sys.modules, "fusedopt.kernels._tune_test", types.SimpleNamespace(k=jit_fn))
+    cache["old"] = Kernel("_adam_kernel", 99)
+    watch = tune.KernelWatch()  # compiled before the watch: not this step's
+    cache.update(a=Kernel("_norm_kernel", 30), b=Kernel("_sgd_kernel", 48))
+    new = watch.new()
+    assert (new["norm"]["n_regs"], new["update"]["n_regs"]) == (30, 48)
+    assert watch.new() == {"norm": None, "update": None}
