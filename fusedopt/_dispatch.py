@@ -52,20 +52,35 @@ def triton_unavailable_reason(devices: set[torch.device]) -> str | None:
     return _triton_import_error()
 
 
-def choose_backend(requested: str | None, devices: set[torch.device]) -> str:
-    """The backend for one step over parameters on ``devices``.
+def first_subclass(params) -> str | None:
+    """A description of the first parameter that is a tensor subclass (a DTensor under FSDP2 or
+    tensor parallel), or None. Its data_ptr() and numel() are not the memory a kernel may touch
+    (a DTensor reports 0 and its global size), so such a step takes the torch path whole."""
+    for i, p in enumerate(params):
+        if type(p) not in (torch.Tensor, torch.nn.Parameter):
+            return f"parameter {i} (shape {tuple(p.shape)}) is a {type(p).__name__}"
+    return None
 
-    None picks Triton for parameters on one CUDA device when triton imports, the torch path
-    otherwise (CPU, several devices, no triton).
+
+def choose_backend(requested: str | None, devices: set[torch.device],
+                   subclass: str | None = None) -> str:
+    """The backend for one step over parameters on ``devices``; ``subclass``: first_subclass's
+    description of a tensor-subclass parameter among them, if any.
+
+    None picks Triton for plain parameters on one CUDA device when triton imports, the torch path
+    otherwise (CPU, several devices, tensor subclasses, no triton).
     """
     if not devices:
         return requested or "torch"
     if requested == "triton":
         reason = triton_unavailable_reason(devices)
+        if reason is None and subclass is not None:
+            reason = (f"{subclass}; the kernels take plain tensors only (distributed tensors "
+                      "step on backend='torch' for now)")
         if reason:
             raise RuntimeError(f"backend='triton' cannot run: {reason}")
         return "triton"
-    if requested is None and all(d.type == "cuda" for d in devices) \
+    if requested is None and subclass is None and all(d.type == "cuda" for d in devices) \
             and triton_unavailable_reason(devices) is None:
         return "triton"
     unsupported = sorted({d.type for d in devices} - set(_TORCH_FUSED_DEVICE_TYPES))

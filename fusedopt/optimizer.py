@@ -9,7 +9,7 @@ import torch
 
 from fusedopt import clip as _clip
 from fusedopt import nonfinite as _nonfinite
-from fusedopt._dispatch import check_backend, choose_backend
+from fusedopt._dispatch import check_backend, choose_backend, first_subclass
 from fusedopt._grouping import group_by_device_dtype, pick
 from fusedopt._state import tracked_copy
 
@@ -142,9 +142,9 @@ class ClippedStep:
     def _after_torch_init(self) -> None:
         # fail at construction, not at the first step; meta params (deferred initialisation) are
         # decided at step(), once they are materialized
-        devices = {p.device for g in self.param_groups for p in g["params"]
-                   if p.device.type != "meta"}
-        choose_backend(self.backend, devices)
+        params = [p for g in self.param_groups for p in g["params"]]
+        choose_backend(self.backend, {p.device for p in params if p.device.type != "meta"},
+                       first_subclass(params))
         self.state = tracked_copy(self.state)  # fusedopt/_state.py: the Triton path trusts it
 
     # -- input checks ---------------------------------------------------------------------------
@@ -240,8 +240,9 @@ class ClippedStep:
         else:
             self._step_plan = None
             gathered = self._gather()
-            devices = {p.device for ps in gathered for p in ps}
-            if devices and choose_backend(self.backend, devices) == "triton":
+            params = [p for ps in gathered for p in ps]
+            devices = {p.device for p in params}
+            if devices and choose_backend(self.backend, devices, first_subclass(params)) == "triton":
                 from fusedopt._triton_step import step_triton
                 self.step_skipped = step_triton(self, gathered, guard, next(iter(devices)))
             else:
