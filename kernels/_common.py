@@ -1,5 +1,6 @@
 """Pieces every fusedopt kernel shares: the rules as Triton functions, the block walk, masked and
-unmasked loads, and the clip coefficient formed on the device from the norm partials.
+unmasked loads, the clip coefficient formed on the device from the norm partials, and the
+rounding of every stored value (round_to).
 
 Used by kernels/norm.py, kernels/sgd.py and kernels/adam.py; the host side of the tables these
 read is fusedopt/_multi_tensor.py.
@@ -64,6 +65,35 @@ def jit_rule(fn):
     twin = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
     twin.__module__, twin.__qualname__, twin.__doc__ = fn.__module__, fn.__qualname__, fn.__doc__
     return triton.jit(twin)
+
+
+@triton.jit
+def round_to(x, DTYPE: tl.constexpr):
+    """fp32 ``x`` as ``DTYPE`` for a store: every bf16 and fp16 store of a param or state value
+    goes through here (fp32 is stored as computed).
+
+    bf16: round to nearest even on the integer bits, as torch does. The interpreter's own cast
+    truncates (50 zero-grad AdamW steps shrank bf16 params by 23% where torch moves nothing) and the
+    GPU's rounds; with this, both agree bit for bit with torch. Adding 0x7FFF plus the kept half's
+    last bit, then cutting 16 bits, rounds half-way cases to even; the carry steps the exponent, so
+    values that round past bf16's max become inf, and inf stays inf. A NaN becomes 0x7FC0, as in
+    c10::BFloat16 (the carry would turn a NaN with low payload bits into inf, a negative one into
+    0); torch's other casts give other NaNs (0xFFFF vectorized on CPU; on CUDA cvt.rn's 0x7FFF).
+    Stochastic rounding, under a future flag (with a seed and the offsets), adds 16 random bits in
+    place of 0x7FFF plus the last bit.
+
+    fp16: a plain cast. The interpreter casts with numpy (round to nearest even) and the GPU with
+    cvt.rn.f16.f32, both as torch; only NaN payloads may differ. Callers skip this call for fp32:
+    under the interpreter each nested call costs ~0.2 ms a block, and calling it on fp32 blocks too
+    (2 to 4 stores a block) took tests/test_kernels.py from 41.3 to 44.9 s (CI's CPU, triton 3.9).
+    """
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+        rounded = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, rounded)
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DTYPE)
 
 
 @triton.jit

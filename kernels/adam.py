@@ -7,7 +7,8 @@ import math
 import triton
 import triton.language as tl
 
-from fusedopt.kernels._common import clamp_value, jit_rule, launch_scalars, launch_update
+from fusedopt.kernels._common import (clamp_value, jit_rule, launch_scalars, launch_update,
+                                      round_to)
 from fusedopt.rules import adam_moments_rule, adam_param_rule
 
 adam_moments_rule_tl = jit_rule(adam_moments_rule)
@@ -35,14 +36,20 @@ def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, n, coef, inv_scale, 
                                 MAXIMIZE)
     if AMSGRAD:
         v_hat = tl.maximum(tl.load(vmax_ptr + offs, mask=mask, other=other).to(tl.float32), v)
-        tl.store(vmax_ptr + offs, v_hat.to(vmax_ptr.dtype.element_ty), mask=mask)
     else:
         v_hat = v
     root = tl.sqrt(v_hat)
     p = adam_param_rule_tl(p, m, root, decay, step_size, bias_correction2_sqrt, eps)
-    tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
-    tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
+    dtype = p_ptr.dtype.element_ty  # every pointer of the table has the params' dtype
+    if dtype != tl.float32:  # fp32 is stored as computed: see _common.round_to on the cost
+        p, m, v = round_to(p, dtype), round_to(m, dtype), round_to(v, dtype)
+        if AMSGRAD:
+            v_hat = round_to(v_hat, dtype)
+    if AMSGRAD:
+        tl.store(vmax_ptr + offs, v_hat, mask=mask)
+    tl.store(m_ptr + offs, m, mask=mask)
+    tl.store(v_ptr + offs, v, mask=mask)
+    tl.store(p_ptr + offs, p, mask=mask)
 
 
 @triton.jit

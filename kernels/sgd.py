@@ -4,7 +4,8 @@ written. Math: fusedopt/rules.sgd_rule. Torch twin: fusedopt/sgd.py."""
 import triton
 import triton.language as tl
 
-from fusedopt.kernels._common import clamp_value, jit_rule, launch_scalars, launch_update
+from fusedopt.kernels._common import (clamp_value, jit_rule, launch_scalars, launch_update,
+                                      round_to)
 from fusedopt.rules import sgd_rule
 
 sgd_rule_tl = jit_rule(sgd_rule)
@@ -30,10 +31,16 @@ def _sgd_block(p_ptr, g_ptr, buf_ptr, offs, n, coef, inv_scale, first, lr, momen
         buf = tl.where(first != 0, 0.0, buf)
         p, buf = sgd_rule_tl(p, g, buf, lr, momentum, tl.where(first != 0, 1.0, one_minus_dampening),
                              weight_decay, NESTEROV, MAXIMIZE)
-        tl.store(buf_ptr + offs, buf.to(buf_ptr.dtype.element_ty), mask=mask)
     else:
-        p, _ = sgd_rule_tl(p, g, 0.0, lr, 0.0, 1.0, weight_decay, False, MAXIMIZE)
-    tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
+        p, buf = sgd_rule_tl(p, g, 0.0, lr, 0.0, 1.0, weight_decay, False, MAXIMIZE)
+    dtype = p_ptr.dtype.element_ty  # the buffer has the param's dtype
+    if dtype != tl.float32:  # fp32 is stored as computed: see _common.round_to on the cost
+        p = round_to(p, dtype)
+        if HAS_MOMENTUM:
+            buf = round_to(buf, dtype)
+    if HAS_MOMENTUM:
+        tl.store(buf_ptr + offs, buf, mask=mask)
+    tl.store(p_ptr + offs, p, mask=mask)
 
 
 @triton.jit(do_not_specialize=["n_blocks", "n_partials", "write_out"])

@@ -26,12 +26,12 @@ TOL = {
 
 def low_precision_bound(err_torch: float, expected: torch.Tensor, dtype: torch.dtype) -> float:
     """Low precision, flash-attn style: one step from identical state may leave the Triton result
-    off the fp32 reference by twice what torch's own fused op in ``dtype`` is off, plus one ulp
-    of the largest value (torch rounds to nearest even, at most half an ulp; Triton's interpreter
-    truncates fp32 -> bf16, under one ulp)."""
+    off the fp32 reference by twice what torch's own fused op in ``dtype`` is off, plus half an ulp
+    of the largest value: the kernels round to nearest even as torch does (kernels/_common.round_to,
+    bf16 included, where the interpreter's own cast truncates), at most half an ulp."""
     largest = float(expected.detach().abs().max()) if expected.numel() else 0.0
     ulp = torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(largest)) if largest > 0 else 0.0
-    return 2 * err_torch + ulp
+    return 2 * err_torch + ulp / 2
 
 
 def assert_close(actual, expected, dtype=None, **kw):
