@@ -35,7 +35,11 @@ def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, n, coef, inv_scale, 
     m, v = adam_moments_rule_tl(p, g, m, v, beta2, one_minus_beta1, one_minus_beta2, coupled_wd,
                                 MAXIMIZE)
     if AMSGRAD:
-        v_hat = tl.maximum(tl.load(vmax_ptr + offs, mask=mask, other=other).to(tl.float32), v)
+        # NaN-propagating, as torch.maximum: a plain tl.maximum is PTX max.f32, which drops a NaN
+        # v (and the interpreter's np.fmax too). Inline, not _common.max_nan: one nested call
+        # fewer per block under the interpreter.
+        v_hat = tl.maximum(tl.load(vmax_ptr + offs, mask=mask, other=other).to(tl.float32), v,
+                           propagate_nan=tl.PropagateNan.ALL)
     else:
         v_hat = v
     root = tl.sqrt(v_hat)

@@ -2,6 +2,7 @@
 
 - every bf16 store rounds to nearest even as torch does (kernels/_common.round_to), where the
   interpreter's cast truncates;
+- AMSGrad's running max keeps a NaN, as torch.maximum;
 
 On a GPU the kernels run on CUDA; without one, under TRITON_INTERPRET=1 (conftest.py).
 """
@@ -157,3 +158,36 @@ def test_bf16_steps_match_the_torch_path_but_for_fma(config):
                 bound = _ulp_bf16(torch.maximum(torch.maximum(t.abs(), r.abs()), b.abs()))
                 assert ((t - r).abs() <= bound).all(), (step, k, t[off], r[off], b[off])
     assert differ <= 1e-4 * compared, (differ, compared)
+
+
+@pytest.mark.parametrize("nan_in", ["grad", "exp_avg_sq"])
+def test_amsgrad_keeps_nan_as_torch(nan_in):
+    """A NaN reaching v must reach max_exp_avg_sq (torch.maximum keeps it; PTX max.f32 and the
+    interpreter's np.fmax drop it). Through a NaN gradient, v, m and p all go NaN and only the max
+    shows it; through a NaN in exp_avg_sq (m finite), the param itself is NaN in torch and stayed
+    finite in the kernel. (That NaN goes in on the last step: the kernel's g + 0.0 * p would take
+    a NaN p into exp_avg, which torch, skipping a zero weight decay, does not; rules.py's issue.)"""
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(s, generator=g).to(DEVICE) for s in ((127,), (4097,))]
+    ours = [torch.nn.Parameter(p.clone()) for p in start]
+    theirs = [torch.nn.Parameter(p.clone()) for p in start]
+    opt = fusedopt.Adam(ours, lr=0.01, amsgrad=True, backend="triton")
+    ref = torch.optim.Adam(theirs, lr=0.01, amsgrad=True, foreach=False)
+    for step in range(3):
+        grads = [torch.randn(p.shape, generator=g).to(DEVICE) for p in start]
+        if step == (1 if nan_in == "grad" else 2):
+            if nan_in == "grad":
+                grads[0][5] = float("nan")
+            else:
+                for o, params in ((opt, ours), (ref, theirs)):
+                    o.state[params[1]]["exp_avg_sq"][7] = float("nan")
+        for a, b, grad in zip(ours, theirs, grads):
+            a.grad, b.grad = grad.clone(), grad.clone()
+        opt.step()
+        ref.step()
+        for a, b in zip(ours, theirs):
+            assert_close(a, b)
+            for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                assert_close(opt.state[a][k], ref.state[b][k])
+    nan_max = ref.state[theirs[0 if nan_in == "grad" else 1]]["max_exp_avg_sq"].isnan()
+    assert nan_max.sum() == 1
