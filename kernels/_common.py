@@ -1,6 +1,6 @@
 """Pieces every fusedopt kernel shares: the rules as Triton functions, the block walk, masked and
-unmasked loads, the clip coefficient formed on the device from the norm partials, and the
-rounding of every stored value (round_to).
+unmasked loads, the clip coefficient formed on the device from the norm partials, the rounding of
+every stored value (round_to) and the launch options (FP_FUSION).
 
 Used by kernels/norm.py, kernels/sgd.py and kernels/adam.py; the host side of the tables these
 read is fusedopt/_multi_tensor.py.
@@ -43,6 +43,13 @@ class LaunchConfig:
 
 
 DEFAULT_LAUNCH = LaunchConfig()
+
+# FMA contraction (a * b + c as one fma.rn) on every launch: torch's CUDA fused optimizer kernels
+# are compiled by nvcc with its default --fmad=true, so contracting keeps the GPU close to torch's
+# fused Adam/SGD. Pinned, not left to Triton's default: triton 3.9 warns that its default turns to
+# off in 3.10, and an upgrade must not change our numbers. The interpreter has no FMA (numpy
+# rounds each op), so the CPU tests see the uncontracted math either way.
+FP_FUSION = True
 
 NORM_NONE, NORM_L2, NORM_INF = 0, 2, 1  # the NORM constexpr: which norm, if any
 
@@ -204,5 +211,5 @@ def launch_update(kernel, table, clip, grid, lr, scalars, num_warps, **flags):
         DTYPE=triton_dtype(table.dtype), NORM=clip.norm, VALUE_CLIP=clip.value_clip,
         UNSCALE=clip.inv_scale is not None, FOUND_IN=clip.found_in is not None,
         DETECT=clip.detect, LR_FROM_PTR=lr_is_tensor, BLOCK=table.block_size,
-        NUM_PARTIALS=clip.num_partials, num_warps=num_warps, **flags)
+        NUM_PARTIALS=clip.num_partials, num_warps=num_warps, enable_fp_fusion=FP_FUSION, **flags)
     clip.write_out = False

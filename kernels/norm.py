@@ -10,7 +10,7 @@ is fusedopt/clip.py.
 import triton
 import triton.language as tl
 
-from fusedopt.kernels._common import clamp_value, max_nan_reduce, triton_dtype
+from fusedopt.kernels._common import FP_FUSION, clamp_value, max_nan_reduce, triton_dtype
 
 
 @triton.jit(do_not_specialize=["n_blocks"])
@@ -95,4 +95,5 @@ def norm_pass_(table, clip, slot, dtype, max_value, has_step, grid, num_warps):
         table.n_blocks, 0.0 if max_value is None else max_value,
         DTYPE=triton_dtype(dtype), ROW=table.row_width, NORM=clip.norm,
         VALUE_CLIP=max_value is not None, UNSCALE=clip.inv_scale is not None, DETECT=clip.detect,
-        HAS_STEP=has_step, BLOCK=table.block_size, NUM_PARTIALS=width, num_warps=num_warps)
+        HAS_STEP=has_step, BLOCK=table.block_size, NUM_PARTIALS=width, num_warps=num_warps,
+        enable_fp_fusion=FP_FUSION)

@@ -3,9 +3,11 @@
 - every bf16 store rounds to nearest even as torch does (kernels/_common.round_to), where the
   interpreter's cast truncates;
 - AMSGrad's running max keeps a NaN, as torch.maximum;
+- every launch pins FMA contraction (_common.FP_FUSION);
 
 On a GPU the kernels run on CUDA; without one, under TRITON_INTERPRET=1 (conftest.py).
 """
+import warnings
 
 import pytest
 import torch
@@ -63,7 +65,8 @@ def test_round_to_matches_torch_bit_for_bit(dtype):
     out = torch.empty(x.shape, dtype=dtype, device=DEVICE)
     block = 4096
     _round_probe[(triton.cdiv(x.numel(), block),)](
-        x, out, x.numel(), DTYPE=_common.triton_dtype(dtype), BLOCK=block)
+        x, out, x.numel(), DTYPE=_common.triton_dtype(dtype), BLOCK=block,
+        enable_fp_fusion=_common.FP_FUSION)
     expected = x.to(dtype)
     nan = x.isnan()
     assert out[nan].isnan().all() and expected[nan].isnan().all()
@@ -191,3 +194,44 @@ def test_amsgrad_keeps_nan_as_torch(nan_in):
                 assert_close(opt.state[a][k], ref.state[b][k])
     nan_max = ref.state[theirs[0 if nan_in == "grad" else 1]]["max_exp_avg_sq"].isnan()
     assert nan_max.sum() == 1
+
+
+class _LaunchRecorder:
+    """Wraps a kernel like conftest.LaunchCounter, recording each launch's enable_fp_fusion."""
+
+    def __init__(self, kernel, name, seen):
+        self.kernel, self.name, self.seen = kernel, name, seen
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.seen.append((self.name, kwargs.get("enable_fp_fusion", "unset")))
+            return self.kernel[grid](*args, **kwargs)
+        return run
+
+
+def test_every_launch_pins_fp_fusion(monkeypatch):
+    """Every launch passes enable_fp_fusion=FP_FUSION (True), so triton's default (on in 3.9, off
+    from 3.10) never decides, and triton 3.9 has nothing to warn about. The warning comes from
+    triton's compile step, once per process: under the interpreter it never fires either way, so
+    there the launch keywords are the test; on a GPU the step below also must not warn."""
+    import fusedopt.kernels.adam as adam
+    import fusedopt.kernels.norm as norm
+    import fusedopt.kernels.sgd as sgd
+    assert _common.FP_FUSION is True
+    seen = []
+    for module, attr in ((norm, "_norm_kernel"), (sgd, "_sgd_kernel"), (adam, "_adam_kernel")):
+        monkeypatch.setattr(module, attr, _LaunchRecorder(getattr(module, attr), attr, seen))
+    warn_once = getattr(getattr(triton, "_utils", None), "warn_once", None)
+    if hasattr(warn_once, "cache_clear"):  # triton 3.9 warns once per process: let it warn again
+        warn_once.cache_clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for cls, kwargs in ((fusedopt.SGD, dict(lr=0.1, momentum=0.9)), (fusedopt.AdamW, {})):
+            params = [torch.nn.Parameter(torch.randn(33, device=DEVICE)) for _ in range(2)]
+            opt = cls(params, **kwargs, max_grad_norm=1.0, backend="triton")
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.step()
+    assert {name for name, _ in seen} == {"_norm_kernel", "_sgd_kernel", "_adam_kernel"}
+    assert all(value is True for _, value in seen), seen
+    assert not [w for w in caught if "FP_FUSION" in str(w.message)]
