@@ -4,9 +4,11 @@
   interpreter's cast truncates;
 - AMSGrad's running max keeps a NaN, as torch.maximum;
 - every launch pins FMA contraction (_common.FP_FUSION);
+- fp16 gradient norms past 65504 stay finite on both paths (fusedopt/clip.py's docstring).
 
 On a GPU the kernels run on CUDA; without one, under TRITON_INTERPRET=1 (conftest.py).
 """
+import math
 import warnings
 
 import pytest
@@ -235,3 +237,64 @@ def test_every_launch_pins_fp_fusion(monkeypatch):
     assert {name for name, _ in seen} == {"_norm_kernel", "_sgd_kernel", "_adam_kernel"}
     assert all(value is True for _, value in seen), seen
     assert not [w for w in caught if "FP_FUSION" in str(w.message)]
+
+
+def _fp16_grads():
+    """~1e5 total L2 norm: 89.6K in one tensor (past fp16's 65504 on its own), 45K in another."""
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(4096, generator=g) * 1400, torch.randn(127, generator=g) * 4000,
+             torch.randn(3, 5, 2, generator=g)]
+    return [x.to(DEVICE, torch.float16) for x in grads]
+
+
+def _fp16_clip_step(backend):
+    """One plain SGD step (lr 1) from zero fp16 params with max_grad_norm 1: the params come out as
+    the clipped update, -g * max_norm / (norm + 1e-6), rounded once to fp16."""
+    grads = _fp16_grads()
+    params = [torch.nn.Parameter(torch.zeros_like(x)) for x in grads]
+    opt = fusedopt.SGD(params, lr=1.0, max_grad_norm=1.0, backend=backend)
+    for p, x in zip(params, grads):
+        p.grad = x.clone()
+    opt.step()
+    return opt.grad_norm, [p.detach() for p in params]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fp16_norm_past_65504_clips_as_float64(backend):
+    """Both paths accumulate fp16 norms in fp32 and return fp32: the norm within 1e-5 of float64
+    (fp32 sums of ~4K squares; a tensor's fp16 norm would be inf), the clipped update within
+    1e-3 of the float64 clip: the result's own fp16 rounding is up to 2^-11 = 4.9e-4 relative
+    (the norm adds ~1e-7), and below fp16's normal range up to half its 2^-24 spacing."""
+    grads = _fp16_grads()
+    exact = torch.linalg.vector_norm(torch.cat([x.double().flatten() for x in grads]))
+    assert float(max(torch.linalg.vector_norm(x.double()) for x in grads)) > 65504
+    norm, params = _fp16_clip_step(backend)
+    assert norm.dtype == torch.float32
+    assert_close(norm.double(), exact, rtol=1e-5, atol=0.0)
+    coef = 1.0 / (exact + 1e-6)
+    for p, x in zip(params, grads):
+        assert_close(p.double(), -x.double() * coef, rtol=1e-3, atol=2.0 ** -25)
+
+
+def test_fp16_norm_torch_and_triton_paths_agree():
+    """The two paths' norms agree to fp32 summation order, their updates to one fp16 ulp (the
+    torch path divides the fp16 grads by (norm + 1e-6) / max_norm, the kernel multiplies by
+    max_norm / (norm + 1e-6): the fp32 results can round to neighbouring fp16 values)."""
+    norm_t, params_t = _fp16_clip_step("torch")
+    norm_k, params_k = _fp16_clip_step("triton")
+    assert_close(norm_k, norm_t, rtol=1e-6, atol=0.0)
+    for a, b in zip(params_k, params_t):
+        assert_close(a, b, torch.float32, rtol=2.0 ** -10, atol=2.0 ** -24)
+
+
+def test_clip_grad_norm_overflows_on_those_grads():
+    """What fusedopt deliberately does not copy: torch's clip_grad_norm_ takes each fp16 tensor's
+    norm in fp16, gets inf, and zeroes every gradient. If torch changes this, fusedopt's docstring
+    in fusedopt/clip.py and the README should say the two now agree."""
+    grads = _fp16_grads()
+    params = [torch.nn.Parameter(torch.zeros_like(x)) for x in grads]
+    for p, x in zip(params, grads):
+        p.grad = x.clone()
+    total = torch.nn.utils.clip_grad_norm_(params, max_norm=1.0)
+    assert math.isinf(float(total))
+    assert all(not p.grad.any() for p in params)
