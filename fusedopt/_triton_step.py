@@ -127,6 +127,8 @@ class _DtypeLaunches:
 
     def grads_of(self, with_grad: list[list[torch.Tensor]]) -> list[torch.Tensor]:
         """This dtype's grads, in table order, from each param group's grads."""
+        if len(self.segments) == 1 and self.segments[0][1] is None:
+            return with_grad[self.segments[0][0]]  # one group, every grad: no copy
         out = []
         for gi, picker, *_ in self.segments:
             out.extend(with_grad[gi] if picker is None else picker(with_grad[gi]))
