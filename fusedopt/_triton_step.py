@@ -192,6 +192,7 @@ class StepPlan:
         self.interpret = device.type == "cpu"
         self.entries = []
         self.static, self.static_ptrs = [], []
+        owners = []  # (param group, index among its params with a grad, param) of each static
         launches: dict[torch.dtype, _DtypeLaunches] = {}
         for gi, (group, params) in enumerate(zip(opt.param_groups, gathered)):
             entry = _GroupEntry(group, opt)
@@ -216,11 +217,13 @@ class StepPlan:
                 norm_rows.append([p.numel()] + [t.data_ptr() for t in scalars])
                 for t in dict.fromkeys(tensors + scalars, None):  # p twice when it stands in
                     self.static.append(t)
+                    owners.append((gi, i, p))
             for dtype, (idx, rows, norm_rows, numels) in by_dtype.items():
                 launch = launches.setdefault(dtype, _DtypeLaunches(device, dtype))
                 launch.add(gi, _picker(idx, len(params)), rows, norm_rows, numels)
             self.entries.append(entry)
         self.static_ptrs = list(map(_DATA_PTR, self.static))
+        _refuse_shared_memory(opt, self.static_ptrs, owners)
         with device_guard(device):
             for launch in launches.values():
                 launch.build(self.cfg)
@@ -321,6 +324,24 @@ class StepPlan:
             opt._step_torch_groups([e.fallback_params for e in self.entries], scale, skip,
                                    fallback_grads)
         return skip
+
+
+def _refuse_shared_memory(opt, ptrs, owners) -> None:
+    """Two rows of one launch on the same memory (one state dict or state tensor stored for two
+    params, two params on one storage start) would be updated by two programs at once: refused
+    before anything launches. torch.optim's for-loop would update that memory twice in turn."""
+    if len(set(ptrs)) == len(ptrs):
+        return
+    first = {}
+    for ptr, (gi, i, p) in zip(ptrs, owners):
+        if ptr in first and first[ptr][2] is not p:
+            (gj, j, _) = first[ptr]
+            raise ValueError(
+                f"fusedopt.{type(opt).__name__}: parameter {j} of group {gj} and parameter {i} of "
+                f"group {gi} (counted among params with a grad) share memory: a parameter or a "
+                "state tensor of one is the other's. One launch would update it from two programs "
+                "at once; give each parameter its own state (e.g. clone the tensors)")
+        first.setdefault(ptr, (gi, i, p))
 
 
 def step_triton(opt, gathered, guard, device):

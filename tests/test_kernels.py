@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 import fusedopt
+from fusedopt.kernels._common import FP_FUSION
 from fusedopt.kernels.adam import _bias_corrections, _ln
 from conftest import DEVICE, assert_close, low_precision_bound
 from recipe import CLIPS, STEPS
@@ -351,7 +352,8 @@ def test_adam_bias_corrections_to_fp32_rounding():
                          dtype=torch.float32, device=DEVICE)
     for beta1, beta2 in ((0.9, 0.999), (0.5, 0.9999), (0.0, 0.95), (0.99, 0.98)):
         out = torch.empty(2 * len(steps), dtype=torch.float32, device=DEVICE)
-        _bias_corrections_probe[(1,)](steps, out, _ln(beta1), _ln(beta2), N=len(steps))
+        _bias_corrections_probe[(1,)](steps, out, _ln(beta1), _ln(beta2), N=len(steps),
+                                      enable_fp_fusion=FP_FUSION)
         for i, beta in enumerate((beta1, beta2)):
             exact = torch.tensor([1 - beta ** float(t) for t in steps.tolist()], dtype=torch.float64)
             got = out[i * len(steps):(i + 1) * len(steps)].double().cpu()

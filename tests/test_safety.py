@@ -260,6 +260,29 @@ def test_shared_grad_refused(name, backend):
         assert torch.equal(params[0].grad, grad)
 
 
+@pytest.mark.parametrize("how", ["dict", "tensor"])
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+def test_state_shared_by_two_params_refused(name, how):
+    """One state dict, or one state tensor, stored for two params: one launch would update that
+    memory from two programs at once (a race on a GPU). Refused before anything launches."""
+    params = params_on([(33,), (33,), (5,)])
+    opt = CLASSES[name](params, **KWARGS[name], backend="triton")
+    for step in range(3):
+        set_grads([params], step)
+        if step == 2:
+            if how == "dict":
+                opt.state[params[1]] = opt.state[params[0]]
+            else:
+                key = "momentum_buffer" if name == "SGD" else "exp_avg"
+                opt.state[params[1]][key] = opt.state[params[0]][key]
+            before = [p.detach().clone() for p in params]
+            with pytest.raises(ValueError, match="parameter 0 of group 0 and parameter 1 of group 0"):
+                opt.step()
+            assert all(torch.equal(p, b) for p, b in zip(params, before))
+        else:
+            opt.step()
+
+
 # -- 4. an old checkpoint's momentum_buffer of None ----------------------------------------------
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
