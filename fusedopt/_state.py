@@ -30,41 +30,47 @@ class TrackedDict(dict):
         return (dict, (dict(self),))
 
     def _changed(self):
-        self.owner.version += 1
+        self.owner.changed()
 
     def __setitem__(self, key, value):
-        if dict.get(self, key, _MISSING) is not value:
-            self._changed()
+        same = dict.get(self, key, _MISSING) is value
         super().__setitem__(key, value)
+        if not same:
+            self._changed()
 
     def __delitem__(self, key):
         super().__delitem__(key)
         self._changed()
 
     def pop(self, *args):
+        out = super().pop(*args)
         self._changed()
-        return super().pop(*args)
+        return out
 
     def popitem(self):
+        out = super().popitem()
         self._changed()
-        return super().popitem()
+        return out
 
     def clear(self):
-        self._changed()
         super().clear()
+        self._changed()
 
     def setdefault(self, key, default=None):
-        if key not in self:
+        new = key not in self
+        out = super().setdefault(key, default)
+        if new:
             self._changed()
-        return super().setdefault(key, default)
+        return out
 
     def update(self, *args, **kwargs):
-        self._changed()
         super().update(*args, **kwargs)
+        self._changed()
 
     def __ior__(self, other):
+        out = super().__ior__(other)
         self._changed()
-        return super().__ior__(other)
+        return out
 
 
 _MISSING = object()
@@ -78,6 +84,14 @@ class TrackedState(defaultdict):
         super().__init__(None)
         self.version = 0
         self.foreign = {}  # param -> a state dict that is not ours, checked every step
+        # called at every change: the optimizer drops its plan there and then, so that the
+        # tensors the plan held (state moved off the GPU, say) are freed now, not at the next step
+        self.listener = None
+
+    def changed(self):
+        self.version += 1
+        if self.listener is not None:
+            self.listener()
 
     def __reduce__(self):  # pickle / deepcopy: rebuilt with tracked copies of the dicts
         return (tracked_copy, (dict(self),))
@@ -95,29 +109,30 @@ class TrackedState(defaultdict):
         return value
 
     def __setitem__(self, key, value):
-        self.version += 1
         super().__setitem__(key, self._adopt(key, value))
+        self.changed()
 
     def __delitem__(self, key):
-        self.version += 1
         self.foreign.pop(key, None)
         super().__delitem__(key)
+        self.changed()
 
     def pop(self, key, *default):
-        self.version += 1
         self.foreign.pop(key, None)
-        return super().pop(key, *default)
+        out = super().pop(key, *default)
+        self.changed()
+        return out
 
     def popitem(self):
-        self.version += 1
         key, value = super().popitem()
         self.foreign.pop(key, None)
+        self.changed()
         return key, value
 
     def clear(self):
-        self.version += 1
         self.foreign.clear()
         super().clear()
+        self.changed()
 
     def setdefault(self, key, default=None):
         if key not in self:

@@ -145,7 +145,16 @@ class ClippedStep:
         params = [p for g in self.param_groups for p in g["params"]]
         choose_backend(self.backend, {p.device for p in params if p.device.type != "meta"},
                        first_subclass(params))
-        self.state = tracked_copy(self.state)  # fusedopt/_state.py: the Triton path trusts it
+        self._track_state()
+
+    def _track_state(self) -> None:
+        """opt.state as a TrackedState (fusedopt/_state.py), which the Triton path's plan trusts;
+        any change to it drops the plan at once (and with it the plan's hold on old tensors)."""
+        self.state = tracked_copy(self.state)
+        self.state.listener = self._drop_plan
+
+    def _drop_plan(self) -> None:
+        self.__dict__.pop("_step_plan", None)
 
     # -- input checks ---------------------------------------------------------------------------
 
@@ -296,9 +305,13 @@ class ClippedStep:
 
     def load_state_dict(self, state_dict) -> None:
         super().load_state_dict(state_dict)
-        self.state = tracked_copy(self.state)  # torch's new dicts, tracked (fusedopt/_state.py)
+        self._track_state()  # torch's new dicts
 
     # -- keep the clip settings through pickle / deepcopy and show them -------------------------
+
+    def __setstate__(self, state):  # unpickle, deepcopy: the state tracked again, listener set
+        super().__setstate__(state)
+        self._track_state()
 
     def __getstate__(self):
         state = super().__getstate__()

@@ -127,6 +127,31 @@ def test_state_edited_by_hand_is_used(name, edit):
     run(name, edit)
 
 
+@pytest.mark.parametrize("copy_opt", [False, True], ids=["same", "deepcopy"])
+def test_replaced_state_is_freed_at_once(copy_opt):
+    """The plan holds the tensors in its tables; a change to opt.state drops it there and then,
+    so state moved off the device (to free its memory) is freed before the next step."""
+    import copy
+    import gc
+    import weakref
+    params = params_on(SHAPES)
+    opt = fusedopt.AdamW(params, lr=0.01, backend="triton")
+    for step in range(2):
+        set_grads([params], step)
+        opt.step()
+    if copy_opt:
+        opt = copy.deepcopy(opt)
+        params = [p for g in opt.param_groups for p in g["params"]]
+        set_grads([params], 2)
+        opt.step()
+        opt.step()
+    assert opt._step_plan is not None
+    old = weakref.ref(opt.state[params[0]]["exp_avg"])
+    opt.state[params[0]]["exp_avg"] = torch.zeros_like(params[0])
+    gc.collect()
+    assert old() is None and "_step_plan" not in opt.__dict__
+
+
 @pytest.mark.parametrize("name", ["SGD", "Adam"])
 def test_a_plain_state_dict_the_user_keeps_changing(name):
     """A user's own dict stored as a param's state: later changes to it count, as in torch."""
