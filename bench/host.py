@@ -290,13 +290,7 @@ def parse_args(argv=None):
     for key, value in DEFAULTS[args.quick].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
-    args.sets, args.optimizers = args.sets.split(","), args.optimizers.split(",")
-    for key, known in (("sets", shapes.NAMES), ("optimizers", OPTIMIZERS)):
-        for name in getattr(args, key):
-            if name not in known:
-                parser.error(f"unknown {key} {name!r}; known: {', '.join(known)}")
-    if args.steps < 1 or args.warmup < 1:
-        parser.error("--steps and --warmup must be >= 1")
+    report.split_names(parser, args, {"sets": shapes.NAMES, "optimizers": OPTIMIZERS})
     return args
 
 

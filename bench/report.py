@@ -105,3 +105,16 @@ def chart(path, meta: dict, results: list[dict]) -> bool:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+def split_names(parser, args, known: dict) -> None:
+    """Each comma-separated option named in ``known`` (option -> its known names) becomes a list;
+    an unknown name, or --steps/--warmup below 1, ends the script with argparse's error. One
+    place for run.py, host.py and tune.py."""
+    for key, names in known.items():
+        setattr(args, key, getattr(args, key).split(","))
+        for name in getattr(args, key):
+            if name not in names:
+                parser.error(f"unknown {key} {name!r}; known: {', '.join(names)}")
+    if args.steps < 1 or args.warmup < 1:
+        parser.error("--steps and --warmup must be >= 1")

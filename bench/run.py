@@ -206,14 +206,8 @@ def parse_args(argv=None):
     for key, value in DEFAULTS[("cuda" if device_type == "cuda" else "cpu", args.quick)].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    for key, known in (("shapes", shapes.NAMES), ("optimizers", OPTIMIZERS), ("dtypes", DTYPES),
-                       ("clip", CLIP_MODES)):
-        setattr(args, key, getattr(args, key).split(","))
-        for name in getattr(args, key):
-            if name not in known:
-                parser.error(f"unknown {key} {name!r}; known: {', '.join(known)}")
-    if args.steps < 1 or args.warmup < 1:
-        parser.error("--steps and --warmup must be >= 1")
+    report.split_names(parser, args, {"shapes": shapes.NAMES, "optimizers": OPTIMIZERS,
+                                      "dtypes": DTYPES, "clip": CLIP_MODES})
     return args
 
 

@@ -533,13 +533,9 @@ def parse_args(argv=None):
             setattr(args, key, value)
     if args.shapes not in shapes.NAMES:
         parser.error(f"unknown shapes {args.shapes!r}; known: {', '.join(shapes.NAMES)}")
-    for key, known in (("optimizers", run.OPTIMIZERS), ("dtypes", run.DTYPES)):
-        setattr(args, key, getattr(args, key).split(","))
-        for name in getattr(args, key):
-            if name not in known:
-                parser.error(f"unknown {key[:-1]} {name!r}; known: {', '.join(known)}")
-    if args.steps < 1 or args.warmup < 1 or args.rounds < 0:
-        parser.error("--steps and --warmup must be >= 1, --rounds >= 0")
+    report.split_names(parser, args, {"optimizers": run.OPTIMIZERS, "dtypes": run.DTYPES})
+    if args.rounds < 0:
+        parser.error("--rounds must be >= 0")
     device = torch.device(args.device)
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         parser.error("on CPU the kernels run only under Triton's interpreter: "
