@@ -96,7 +96,9 @@ class _DtypeLaunches:
     def __init__(self, device, dtype):
         self.device, self.dtype = device, dtype
         self.grads = DeviceInts(device)
-        self.segments = []  # (param group index, picker, count, update rows, numels)
+        # (param group index, picker, count, update rows, norm rows, numels)
+        self.segments = []
+        self.pads = []  # zero entries after each segment in the grad table (see build)
         self.flat_ptrs = None  # last step's grad addresses, checked
         self.numels = []
         self.updates = []  # (param group index, LaunchTable)
@@ -107,21 +109,20 @@ class _DtypeLaunches:
         self.numels.extend(numels)
 
     def build(self, cfg):
+        # with several segments, an odd one is followed by one zero, so the next starts even
+        several = len(self.segments) > 1
+        self.pads = [count & 1 if several else 0 for _, _, count, *_ in self.segments]
         start = 0
-        for gi, _, count, rows, _, numels in self.segments:
+        norm_rows, norm_numels = [], []
+        for (gi, _, count, rows, norms, numels), pad in zip(self.segments, self.pads):
             table = LaunchTable(self.device, self.dtype, cfg.block_size, rows, numels)
             table.grid = update_grid(self.device, table.n_blocks, cfg.programs_per_sm)
             table.grads_slice = (start, start + count)
             self.updates.append((gi, table))
-            start += count + (count & 1)
-        # the norm pass reads the whole grad table: an empty row (no block) stands for each pad
-        norm_rows, norm_numels = [], []
-        for _, _, count, _, rows, numels in self.segments:
-            norm_rows.extend(rows)
-            norm_numels.extend(numels)
-            if count & 1 and len(self.segments) > 1:
-                norm_rows.append([0] * len(rows[0]))
-                norm_numels.append(0)
+            start += count + pad
+            # the norm pass reads the whole grad table: an empty row (no block) stands for a pad
+            norm_rows.extend(norms + [[0] * len(norms[0])] * pad)
+            norm_numels.extend(numels + [0] * pad)
         self.norm = LaunchTable(self.device, self.dtype, cfg.block_size, norm_rows, norm_numels)
         self.norm.grid = norm_grid(self.device, self.norm.n_blocks, cfg.num_partials)
 
@@ -144,15 +145,14 @@ class _DtypeLaunches:
 
     def refresh_grads(self, ptrs) -> None:
         """Copy this step's grad addresses to the device if they changed (one copy per dtype)."""
-        if len(self.segments) > 1:
+        table = ptrs
+        if any(self.pads):
             table, at = [], 0
-            for _, _, count, *_ in self.segments:
+            for (_, _, count, *_), pad in zip(self.segments, self.pads):
                 table.extend(ptrs[at:at + count])
-                table.extend([0] * (count & 1))
+                table.extend([0] * pad)
                 at += count
-        else:
-            table = ptrs
-        if self.grads.refresh(table) or self.updates[0][1].grads is None:
+        if self.grads.refresh(table):  # always on a new plan's first step
             for _, update in self.updates:
                 update.grads = self.grads.tensor[update.grads_slice[0]:update.grads_slice[1]]
             self.norm.grads = self.grads.tensor
@@ -192,7 +192,7 @@ class StepPlan:
         self.interpret = device.type == "cpu"
         self.entries = []
         self.static, self.static_ptrs = [], []
-        owners = []  # (param group, index among its params with a grad, param) of each static
+        owners = []  # (param group, index among its params with a grad) of each static
         launches: dict[torch.dtype, _DtypeLaunches] = {}
         for gi, (group, params) in enumerate(zip(opt.param_groups, gathered)):
             entry = _GroupEntry(group, opt)
@@ -217,7 +217,7 @@ class StepPlan:
                 norm_rows.append([p.numel()] + [t.data_ptr() for t in scalars])
                 for t in dict.fromkeys(tensors + scalars, None):  # p twice when it stands in
                     self.static.append(t)
-                    owners.append((gi, i, p))
+                    owners.append((gi, i))
             for dtype, (idx, rows, norm_rows, numels) in by_dtype.items():
                 launch = launches.setdefault(dtype, _DtypeLaunches(device, dtype))
                 launch.add(gi, _picker(idx, len(params)), rows, norm_rows, numels)
@@ -333,15 +333,15 @@ def _refuse_shared_memory(opt, ptrs, owners) -> None:
     if len(set(ptrs)) == len(ptrs):
         return
     first = {}
-    for ptr, (gi, i, p) in zip(ptrs, owners):
-        if ptr in first and first[ptr][2] is not p:
-            (gj, j, _) = first[ptr]
+    for ptr, (gi, i) in zip(ptrs, owners):
+        if ptr in first and first[ptr] != (gi, i):  # another row's, not this one's
+            (gj, j) = first[ptr]
             raise ValueError(
                 f"fusedopt.{type(opt).__name__}: parameter {j} of group {gj} and parameter {i} of "
                 f"group {gi} (counted among params with a grad) share memory: a parameter or a "
                 "state tensor of one is the other's. One launch would update it from two programs "
                 "at once; give each parameter its own state (e.g. clone the tensors)")
-        first.setdefault(ptr, (gi, i, p))
+        first.setdefault(ptr, (gi, i))
 
 
 def step_triton(opt, gathered, guard, device):
