@@ -59,10 +59,11 @@ def sgd_foreach_(params, grads, bufs, *, lr, momentum, dampening, weight_decay, 
                  maximize, grad_scale=None, found_inf=None):
     """torch.optim's own foreach SGD (torch.optim.sgd.sgd), for bf16/fp16 on CPU: the same numbers
     as torch.optim.SGD(foreach=True), at 10x the speed of the fp32 rule there (per-tensor fp32
-    copies took 2.3 s on GPT-2 in bf16). Takes any layout. The clip divides .grad first.
+    copies took 2.3 s on GPT-2 in bf16). Takes any layout. The clip divides .grad first. Also for
+    meta params (shapes only), which torch's _fused_sgd_ has no kernel for.
 
-    CPU only, so ``found_inf`` is read on the host: there is no device to wait for (torch's fused
-    CPU ops read it so too). Keeping the old values by copy instead made a bf16 GPT-2 AMP step
+    CPU (or meta) only, so ``found_inf`` is read on the host: there is no device to wait for
+    (torch's fused CPU ops read it so too). Keeping the old values by copy instead made a bf16 GPT-2 AMP step
     4.8x slower (674 vs 140 ms). A skipped first step leaves zero buffers, as in sgd_torch_."""
     if found_inf is not None and bool(found_inf):
         for i, g in enumerate(grads):
