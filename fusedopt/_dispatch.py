@@ -53,11 +53,13 @@ def triton_unavailable_reason(devices: set[torch.device]) -> str | None:
 
 
 def first_subclass(params) -> str | None:
-    """A description of the first parameter that is a tensor subclass (a DTensor under FSDP2 or
-    tensor parallel), or None. Its data_ptr() and numel() are not the memory a kernel may touch
-    (a DTensor reports 0 and its global size), so such a step takes the torch path whole."""
+    """A description of the first parameter that is a tensor subclass other than DTensor, or
+    None. Its data_ptr() and numel() need not be the memory a kernel may touch, so such a step
+    takes the torch path whole. DTensors (FSDP2, tensor parallel) step on their local shards on
+    either backend (fusedopt/_distributed.py)."""
+    from fusedopt._distributed import is_dtensor
     for i, p in enumerate(params):
-        if type(p) not in (torch.Tensor, torch.nn.Parameter):
+        if type(p) not in (torch.Tensor, torch.nn.Parameter) and not is_dtensor(p):
             return f"parameter {i} (shape {tuple(p.shape)}) is a {type(p).__name__}"
     return None
 
@@ -75,8 +77,8 @@ def choose_backend(requested: str | None, devices: set[torch.device],
     if requested == "triton":
         reason = triton_unavailable_reason(devices)
         if reason is None and subclass is not None:
-            reason = (f"{subclass}; the kernels take plain tensors only (distributed tensors "
-                      "step on backend='torch' for now)")
+            reason = (f"{subclass}; the kernels take plain tensors and DTensors only (other "
+                      "tensor subclasses step on backend='torch')")
         if reason:
             raise RuntimeError(f"backend='triton' cannot run: {reason}")
         return "triton"

@@ -28,6 +28,7 @@ import torch
 from fusedopt import clip as _clip
 from fusedopt import nonfinite as _nonfinite
 from fusedopt._dispatch import interpreting
+from fusedopt._distributed import NormReduce, is_dtensor, local
 from fusedopt._multi_tensor import (DeviceInts, LaunchTable, device_guard, norm_grid,
                                      scalars_fit_kernel, tensors_fit_kernel, update_grid)
 from fusedopt._state import TrackedState
@@ -36,7 +37,8 @@ _GRAD = operator.attrgetter("grad")
 _DATA_PTR = torch.Tensor.data_ptr
 _CONTIGUOUS = torch.Tensor.is_contiguous
 _NUMEL = torch.Tensor.numel
-_ONLY_TENSORS = {torch.Tensor}  # the grad types the fast check accepts (no None, no subclass)
+_ONLY_TENSORS = {torch.Tensor}
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # the grad types the fast check accepts (no None, no subclass)
 
 
 class KernelClip:
@@ -162,14 +164,14 @@ class _GroupEntry:
     """One param group in a plan: its params' identities, the indices of those without a grad,
     its row flags, and the indices (into its params with a grad) that take the torch path."""
 
-    __slots__ = ("ids", "missing", "flags", "fallback", "fallback_params")
+    __slots__ = ("ids", "missing", "flags", "fallback", "fallback_params", "fallback_counted")
 
     def __init__(self, group, opt):
         params = group["params"]
         self.ids = list(map(id, params))
         self.missing = [i for i, p in enumerate(params) if p.grad is None]
         self.flags = opt._row_flags(group)
-        self.fallback, self.fallback_params = [], []
+        self.fallback, self.fallback_params, self.fallback_counted = [], [], []
 
 
 class StepPlan:
@@ -186,6 +188,14 @@ class StepPlan:
         self.foreign = [(d, list(d.items())) for d in state.foreign.values()] \
             if self.state is not None else None
         self.backend = opt.backend
+        self.norm_group = opt.norm_group
+        # DTensor params (FSDP2, tensor parallel): rows hold their local shards' addresses, and
+        # each step re-reads the shards (a DTensor's local tensor can be swapped under it)
+        flat = [p for ps in gathered for p in ps]
+        self.dtensor = any(type(p) not in _PLAIN and is_dtensor(p) for p in flat)
+        self.reduce = NormReduce.build(type(opt).__name__, flat, opt.norm_group)
+        counted = self.reduce.counted if self.reduce is not None else None
+        at = 0  # flat index of the group's first param with a grad
         self.cfg_key = opt.__dict__.get("_launch_config")
         self.cfg = self.cfg_key or DEFAULT_LAUNCH
         self.device = device
@@ -199,36 +209,47 @@ class StepPlan:
             by_dtype: dict[torch.dtype, tuple] = {}
             for i, p in enumerate(params):
                 row = None
-                if tensors_fit_kernel([p, p.grad], KERNEL_DTYPES, device):
+                counts = counted is None or counted[at + i]
+                if tensors_fit_kernel([local(p), local(p.grad)], KERNEL_DTYPES, device):
                     row = opt._kernel_row(group, p)  # may create p's state
                     tensors, scalars, _ = row
-                    if not (tensors_fit_kernel(tensors, KERNEL_DTYPES, device)
+                    if not (tensors_fit_kernel(list(map(local, tensors)), KERNEL_DTYPES, device)
                             and scalars_fit_kernel(scalars, device)):
                         row = None
                 if row is None:
                     entry.fallback.append(i)
                     entry.fallback_params.append(p)
+                    entry.fallback_counted.append(counts)
                     continue
                 tensors, scalars, ints = row
+                numel = local(p).numel()
                 idx, rows, norm_rows, numels = by_dtype.setdefault(p.dtype, ([], [], [], []))
                 idx.append(i)
-                numels.append(p.numel())
-                rows.append([t.data_ptr() for t in tensors + scalars] + [p.numel()] + ints)
-                norm_rows.append([p.numel()] + [t.data_ptr() for t in scalars])
+                numels.append(numel)
+                rows.append([local(t).data_ptr() for t in tensors + scalars] + [numel] + ints)
+                # a tensor another rank counts (replicated over a reduced mesh dim): its blocks
+                # still run (Adam's counter advances) but read nothing, as if of 0 elements
+                norm_rows.append([numel if counts else 0] + [t.data_ptr() for t in scalars])
                 for t in dict.fromkeys(tensors + scalars, None):  # p twice when it stands in
-                    self.static.append(t)
+                    self.static.append(t)  # the DTensor itself, not its shard: re-read each step
                     owners.append((gi, i))
+            at += len(params)
             for dtype, (idx, rows, norm_rows, numels) in by_dtype.items():
                 launch = launches.setdefault(dtype, _DtypeLaunches(device, dtype))
                 launch.add(gi, _picker(idx, len(params)), rows, norm_rows, numels)
             self.entries.append(entry)
-        self.static_ptrs = list(map(_DATA_PTR, self.static))
+        self.static_ptrs = self._static_ptrs()
         _refuse_shared_memory(opt, self.static_ptrs, owners)
         with device_guard(device):
             for launch in launches.values():
                 launch.build(self.cfg)
         self.launches = list(launches.values())
         self.has_fallback = any(e.fallback for e in self.entries)
+
+    def _static_ptrs(self) -> list[int]:
+        if self.dtensor:
+            return list(map(_DATA_PTR, map(local, self.static)))
+        return list(map(_DATA_PTR, self.static))
 
     @property
     def reusable(self) -> bool:
@@ -244,7 +265,8 @@ class StepPlan:
         for d, items in self.foreign:
             if len(d) != len(items) or any(d.get(k) is not v for k, v in items):
                 return None
-        if opt.backend is not self.backend or opt.__dict__.get("_launch_config") is not self.cfg_key:
+        if opt.backend is not self.backend or opt.__dict__.get("_launch_config") is not self.cfg_key \
+                or opt.norm_group is not self.norm_group:
             return None
         if self.interpret and not interpreting():
             return None
@@ -257,6 +279,8 @@ class StepPlan:
             if list(map(id, params)) != entry.ids or opt._row_flags(group) != entry.flags:
                 return None
             grads = list(map(_GRAD, params))
+            if self.dtensor:
+                grads = list(map(local, grads))
             if set(map(type, grads)) - _ONLY_TENSORS:  # None, or a tensor subclass
                 missing = [i for i, g in enumerate(grads) if g is None]
                 if missing != entry.missing:
@@ -267,7 +291,7 @@ class StepPlan:
             elif entry.missing:
                 return None
             with_grad.append(grads)
-        if list(map(_DATA_PTR, self.static)) != self.static_ptrs:
+        if self._static_ptrs() != self.static_ptrs:
             return None
         per_dtype = []
         for launch in self.launches:
@@ -309,8 +333,11 @@ class StepPlan:
         if fallback_grads:
             # copies: the torch path unscales and clamps in place, and .grad stays as it was
             fallback_grads = [[g.clone() for g in gs] for gs in fallback_grads]
-            _fallback_prepare_(clip, [g for gs in fallback_grads for g in gs], opt, guard,
+            counted = [c for e in self.entries for c in e.fallback_counted]
+            _fallback_prepare_(clip, [g for gs in fallback_grads for g in gs], counted, opt, guard,
                                len(self.launches), cfg.num_partials)
+        if self.reduce is not None and (clipping or clip.detect):
+            _all_reduce_partials_(clip, self.reduce, opt.norm_type, device)
         # 2. the updates, once every norm pass (and the torch-path share) is in the partials
         for launch in self.launches:
             for gi, table in launch.updates:
@@ -352,15 +379,16 @@ def step_triton(opt, gathered, guard, device):
         return opt._step_torch(gathered, guard)
     opt._step_plan = plan if plan.reusable else None
     # the plan's own checks ran on these very tensors while it was built
-    with_grad = [[p.grad for p in ps] for ps in gathered]
+    with_grad = [[local(p.grad) for p in ps] for ps in gathered]
     per_dtype = [list(map(_DATA_PTR, launch.grads_of(with_grad))) for launch in plan.launches]
     return plan.run(opt, (with_grad, per_dtype), guard)
 
 
-def _fallback_prepare_(clip, grads, opt, guard, slot, width) -> None:
+def _fallback_prepare_(clip, grads, counted, opt, guard, slot, width) -> None:
     """The torch-path tensors' grads (copies), made ready in place as the torch path does
-    (unscaled, inf/NaN checked, clamped), and their shares of the norm and of the inf/NaN check,
-    written as one more partials slot (``slot``) beside the kernels' ones."""
+    (unscaled, inf/NaN checked, clamped), and their shares of the norm (of those this rank
+    ``counted``: fusedopt/_distributed.py) and of the inf/NaN check, written as one more partials
+    slot (``slot``) beside the kernels' ones."""
     device = clip.partials.device
     if guard.scale is not None or guard.detect:
         found = _nonfinite.unscale_and_check_(grads, _nonfinite.StepGuard(guard.scale, None, True),
@@ -372,8 +400,31 @@ def _fallback_prepare_(clip, grads, opt, guard, slot, width) -> None:
     if opt.max_grad_value is not None:
         _clip.clamp_grads_(grads, opt.max_grad_value)
     if clip.norm:
-        norm = _clip.total_norm(grads, opt.norm_type, device).float()
+        norm = _clip.total_norm([g for g, c in zip(grads, counted) if c], opt.norm_type,
+                                device).float()
         share = norm * norm if opt.norm_type == 2.0 else norm
         partials = clip.partials[slot * width:(slot + 1) * width]
         partials.zero_()
         partials[0] = share
+
+
+def _all_reduce_partials_(clip, reduce, norm_type, device) -> None:
+    """Sharded training: this rank's partials summed (or maxed) into its share, one all-reduce
+    with the inf/NaN flag (NormReduce.all_reduce), and the result written back as the only
+    non-zero partial and flag, so that every update launch reads the global norm and skip flag
+    as it reads a local one. Six small ops and the collective; no host read."""
+    n = clip.n_partials
+    inf = norm_type == float("inf")
+    share = found = None
+    if clip.norm:
+        partials = clip.partials[:n]
+        share = partials.max() if inf else partials.sum(dtype=torch.float64)
+    if clip.detect:
+        found = torch.isnan(clip.partials[n:].sum()).float()
+    share, found = reduce.all_reduce(share, found, inf, device)
+    if clip.norm:
+        clip.partials[:n].zero_()
+        clip.partials[0] = share
+    if clip.detect:
+        clip.partials[n:].zero_()
+        clip.partials[n] = torch.where(found != 0, float("nan"), 0.0)

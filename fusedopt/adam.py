@@ -4,6 +4,7 @@ import math
 
 import torch
 
+from fusedopt._distributed import local
 from fusedopt._grouping import pick
 from fusedopt.nonfinite import keep_where
 from fusedopt.optimizer import (ClippedStep, class_doc, compute_dtype, host_float, kernel_lr,
@@ -116,10 +117,10 @@ class _AdamStep(ClippedStep):
         amsgrad = group["amsgrad"]
         states = [self._state_for(p, amsgrad) for p in params]
         beta1, beta2 = group["betas"]
-        adam_torch_(
-            params, grads,
-            [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-            [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
+        adam_torch_(  # on local shards of DTensors (fusedopt/_distributed.py); step is plain
+            list(map(local, params)), grads,
+            [local(s["exp_avg"]) for s in states], [local(s["exp_avg_sq"]) for s in states],
+            [local(s["max_exp_avg_sq"]) for s in states] if amsgrad else [],
             [s["step"] for s in states],
             lr=scalar_on(group["lr"], device), beta1=host_float(beta1), beta2=host_float(beta2),
             weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=amsgrad,
@@ -155,8 +156,8 @@ class Adam(_AdamStep, torch.optim.Adam):
                  *, foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
                  decoupled_weight_decay=False,
                  max_grad_norm=None, norm_type=2.0, max_grad_value=None, nonfinite="propagate",
-                 backend=None):
-        self._init_clip(max_grad_norm, norm_type, max_grad_value, nonfinite, backend)
+                 backend=None, norm_group=None):
+        self._init_clip(max_grad_norm, norm_type, max_grad_value, nonfinite, backend, norm_group)
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable, differentiable=differentiable,
                          fused=fused, decoupled_weight_decay=decoupled_weight_decay)
@@ -178,8 +179,8 @@ class AdamW(_AdamStep, torch.optim.AdamW):
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
                  differentiable=False, fused=None,
                  max_grad_norm=None, norm_type=2.0, max_grad_value=None, nonfinite="propagate",
-                 backend=None):
-        self._init_clip(max_grad_norm, norm_type, max_grad_value, nonfinite, backend)
+                 backend=None, norm_group=None):
+        self._init_clip(max_grad_norm, norm_type, max_grad_value, nonfinite, backend, norm_group)
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
                          foreach=foreach, capturable=capturable, differentiable=differentiable,
                          fused=fused)

@@ -118,6 +118,26 @@ def total_norm(grads: list[torch.Tensor], norm_type: float, device: torch.device
     return torch.linalg.vector_norm(stacked, norm_type)
 
 
+def norm_share(grads: list[torch.Tensor], norm_type: float, device: torch.device) -> torch.Tensor:
+    """This rank's share of a norm taken over several ranks (fusedopt/_distributed.py): the sum
+    of squares (L2) or max |g| (inf) of ``grads``, a 0-dim fp64 tensor on ``device``; the
+    all-reduce adds (or maxes) the shares, the root of the sum is the norm."""
+    grads = [g for g in grads if g.numel() > 0]
+    if not grads:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    norms = []
+    for (_, dtype), idx in group_by_device_dtype(grads).items():
+        norms.extend(_norms(pick(grads, idx), norm_type, dtype))
+    stacked = torch.stack([n.to(device=device, dtype=torch.float64, non_blocking=True)
+                           for n in norms])
+    return stacked.max() if norm_type == math.inf else stacked.square().sum()
+
+
+def root_of_share(share: torch.Tensor, norm_type: float, dtype: torch.dtype) -> torch.Tensor:
+    """The norm from the all-reduced share (norm_share), in ``dtype``."""
+    return (share if norm_type == math.inf else share.sqrt()).to(dtype)
+
+
 class ClipScale:
     """The clip of one step, handed to each (device, dtype) group of the update.
 

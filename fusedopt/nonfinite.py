@@ -12,6 +12,7 @@ pass) and kernels/_common.launch_scalars (the skip, in every update launch).
 """
 import torch
 
+from fusedopt._distributed import local
 from fusedopt._grouping import group_by_device_dtype, pick
 
 POLICIES = ("propagate", "skip", "raise")
@@ -105,8 +106,9 @@ def culprit(opt) -> str:
     only after a step found one)."""
     for gi, group in enumerate(opt.param_groups):
         for pi, p in enumerate(group["params"]):
-            if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-                kinds = [k for k, bad in (("NaN", p.grad.isnan().any()), ("inf", p.grad.isinf().any()))
+            g = local(p.grad)  # this rank's shard of a DTensor's: no collective
+            if g is not None and not bool(torch.isfinite(g).all()):
+                kinds = [k for k, bad in (("NaN", g.isnan().any()), ("inf", g.isinf().any()))
                          if bool(bad)]
                 return f" ({' and '.join(kinds)} in group {gi}, parameter {pi}, shape {tuple(p.shape)})"
     return ""

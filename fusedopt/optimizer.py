@@ -10,12 +10,13 @@ import torch
 from fusedopt import clip as _clip
 from fusedopt import nonfinite as _nonfinite
 from fusedopt._dispatch import check_backend, choose_backend, first_subclass
+from fusedopt._distributed import NormReduce, check_norm_group, group_device, local
 from fusedopt._grouping import group_by_device_dtype, pick
 from fusedopt._state import tracked_copy
 
 # Instance attributes that torch.optim.Optimizer.__getstate__ would drop (pickle, deepcopy).
-_OWN_ATTRS = ("max_grad_norm", "norm_type", "max_grad_value", "nonfinite", "backend", "grad_norm",
-              "step_skipped")
+_OWN_ATTRS = ("max_grad_norm", "norm_type", "max_grad_value", "nonfinite", "backend", "norm_group",
+              "grad_norm", "step_skipped")
 
 
 def scalar_on(value, device: torch.device):
@@ -90,13 +91,19 @@ def class_doc(summary: str, update_math: str, args: str, name: str, state_note: 
             syncs). Under a GradScaler, the scaler's own skip applies instead.
         backend (str, optional): ``"torch"``, ``"triton"`` or None: Triton for parameters on one
             CUDA device when triton imports, else torch (fusedopt/_dispatch.py).
+        norm_group (ProcessGroup, optional): declares that the parameters are disjoint shards
+            across this group (ZeRO's partitions, FSDP1's flat shards), so the clip's norm is
+            summed over it with one all-reduce per step. DTensor parameters (FSDP2, HSDP, tensor
+            parallel) need none: their placements say it.
 
     Differences from torch.optim.{name}:
         clipping happens inside ``step``, over every param with a grad in every group, and
         ``grad_norm`` holds the pre-clip total norm (a 0-dim tensor on the params' device, None
         until a step with ``max_grad_norm`` set). ``step_skipped`` is the last step's skip flag (a
         0-dim fp32 tensor on the device, 1.0 when skipped) when it could skip (a GradScaler, or
-        ``nonfinite`` other than "propagate"), else None.{state_note} The Triton backend never writes
+        ``nonfinite`` other than "propagate"), else None. Sharded, both are global: the same on
+        every rank (``grad_norm`` is a plain tensor where ``clip_grad_norm_`` on DTensors returns
+        a replicated DTensor of the same value).{state_note} The Triton backend never writes
         ``.grad``: after ``step`` it holds the unclipped gradient. The torch backend leaves the
         clipped gradient there, as ``clip_grad_value_``/``clip_grad_norm_`` do.
     """
@@ -125,12 +132,14 @@ class ClippedStep:
     group of one param group.
     """
 
-    def _init_clip(self, max_grad_norm, norm_type, max_grad_value, nonfinite, backend) -> None:
+    def _init_clip(self, max_grad_norm, norm_type, max_grad_value, nonfinite, backend,
+                   norm_group=None) -> None:
         self.max_grad_norm = _clip.check_positive("max_grad_norm", max_grad_norm)
         self.norm_type = _clip.check_norm_type(norm_type)
         self.max_grad_value = _clip.check_positive("max_grad_value", max_grad_value)
         self.nonfinite = _nonfinite.check_policy(nonfinite)
         self.backend = check_backend(backend)
+        self.norm_group = check_norm_group(norm_group)
         self.grad_norm: torch.Tensor | None = None
         self.step_skipped: torch.Tensor | None = None
 
@@ -262,21 +271,47 @@ class ClippedStep:
             _nonfinite.raise_nonfinite(self, _nonfinite.culprit(self) if where is None else where)
         return loss
 
+    def _norm_reduce(self, params: list[torch.Tensor], guard) -> NormReduce | None:
+        """This step's collective for the norm and the skip flag (fusedopt/_distributed.py), or
+        None when there is nothing to reduce (no clip, no inf/NaN detection: a GradScaler's
+        found_inf is already global) or every rank already sees the whole norm (one device, DDP,
+        all parameters replicated)."""
+        if self.max_grad_norm is None and not guard.detect:
+            return None
+        return NormReduce.build(type(self).__name__, params, self.norm_group)
+
     def _step_torch(self, gathered: list[list[torch.Tensor]], guard) -> torch.Tensor | None:
         """The torch path: unscale and check .grad in place (under a guard), clamp it in place,
-        take the norm, fold the clip into the update. Returns the step's skip flag, or None."""
+        take the norm (this rank's share and one all-reduce, when sharded), fold the clip into
+        the update. Works on local shards of DTensors. Returns the step's skip flag, or None."""
         params = [p for ps in gathered for p in ps]
-        grads = [p.grad for p in params]
+        grads = [local(p.grad) for p in params]
+        reduce = self._norm_reduce(params, guard)
         first = params[0] if params else next(
-            (p for g in self.param_groups for p in g["params"]), torch.empty(0))
-        skip = _nonfinite.unscale_and_check_(grads, guard, first.device) if guard.active else None
+            (p for g in self.param_groups for p in g["params"]), None)
+        device = first.device if first is not None else (  # a rank with no param still joins
+            group_device(reduce.group) if reduce is not None else torch.device("cpu"))
+        skip = _nonfinite.unscale_and_check_(grads, guard, device) if guard.active else None
         if guard.policy == "raise" and bool(skip):
             self._nonfinite_where = _nonfinite.culprit(self)  # before the clamp makes an inf finite
         if self.max_grad_value is not None:
             _clip.clamp_grads_(grads, self.max_grad_value)
         clip = None
-        if self.max_grad_norm is not None:
-            self.grad_norm = _clip.total_norm(grads, self.norm_type, first.device)
+        clipping = self.max_grad_norm is not None
+        if reduce is not None:
+            share = _clip.norm_share([g for g, c in zip(grads, reduce.counted) if c],
+                                     self.norm_type, device) if clipping else None
+            share, found = reduce.all_reduce(share, skip if guard.detect else None,
+                                             self.norm_type == float("inf"), device)
+            if guard.detect:
+                skip = found
+            if clipping:
+                dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) \
+                    else torch.float32
+                self.grad_norm = _clip.root_of_share(share, self.norm_type, dtype)
+        elif clipping:
+            self.grad_norm = _clip.total_norm(grads, self.norm_type, device)
+        if clipping:
             clip = _clip.ClipScale(self.grad_norm, self.max_grad_norm)
         self._step_torch_groups(gathered, clip, skip)
         return skip
@@ -286,7 +321,7 @@ class ClippedStep:
         ``skip`` (a 0-dim 0/1 flag, or None) skips it on the device. ``grads`` (per param group,
         like ``gathered``): the gradients to use, when not the params' own ``.grad``."""
         for gi, (group, group_params) in enumerate(zip(self.param_groups, gathered)):
-            group_grads = [p.grad for p in group_params] if grads is None else grads[gi]
+            group_grads = [local(p.grad) for p in group_params] if grads is None else grads[gi]
             for (device, dtype), idx in group_by_device_dtype(group_params).items():
                 ps = pick(group_params, idx)
                 gs = pick(group_grads, idx)
@@ -319,5 +354,6 @@ class ClippedStep:
         return state
 
     def __repr__(self) -> str:
-        settings = ", ".join(f"{k}={getattr(self, k)!r}" for k in _OWN_ATTRS[:5])
+        settings = ", ".join(f"{k}={getattr(self, k)!r}" for k in _OWN_ATTRS[:6]
+                             if k != "norm_group" or self.norm_group is not None)
         return f"fusedopt.{super().__repr__()[:-1]}{settings}\n)"

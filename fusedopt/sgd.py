@@ -2,6 +2,7 @@
 import torch
 from torch.optim.sgd import sgd as torch_sgd  # the functional SGD behind torch.optim.SGD
 
+from fusedopt._distributed import local, wrap_like
 from fusedopt._grouping import pick
 from fusedopt.nonfinite import keep_where
 from fusedopt.optimizer import (ClippedStep, class_doc, compute_dtype, host_float, kernel_lr,
@@ -118,8 +119,8 @@ class SGD(ClippedStep, torch.optim.SGD):
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
                  maximize=False, foreach=None, differentiable=False, fused=None,
                  max_grad_norm=None, norm_type=2.0, max_grad_value=None, nonfinite="propagate",
-                 backend=None):
-        self._init_clip(max_grad_norm, norm_type, max_grad_value, nonfinite, backend)
+                 backend=None, norm_group=None):
+        self._init_clip(max_grad_norm, norm_type, max_grad_value, nonfinite, backend, norm_group)
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize,
                          foreach=foreach, differentiable=differentiable, fused=fused)
         self._after_torch_init()
@@ -149,10 +150,12 @@ class SGD(ClippedStep, torch.optim.SGD):
 
     def _update_(self, group, params, grads, grad_scale, device, found_inf=None):
         momentum = group["momentum"]
-        buffers = [self.state[p].get("momentum_buffer") for p in params] if momentum != 0 else []
-        sgd_torch_(params, grads, buffers, lr=scalar_on(group["lr"], device), momentum=momentum,
-                   dampening=group["dampening"], weight_decay=host_float(group["weight_decay"]),
-                   nesterov=group["nesterov"], maximize=group["maximize"], grad_scale=grad_scale,
-                   found_inf=found_inf)
-        for p, buf in zip(params, buffers):
-            self.state[p]["momentum_buffer"] = buf
+        kept = [self.state[p].get("momentum_buffer") for p in params] if momentum != 0 else []
+        buffers = list(map(local, kept))  # DTensors step on local shards (fusedopt/_distributed.py)
+        sgd_torch_(list(map(local, params)), grads, buffers, lr=scalar_on(group["lr"], device),
+                   momentum=momentum, dampening=group["dampening"],
+                   weight_decay=host_float(group["weight_decay"]), nesterov=group["nesterov"],
+                   maximize=group["maximize"], grad_scale=grad_scale, found_inf=found_inf)
+        for p, old, buf in zip(params, kept, buffers):
+            if old is None:  # a new buffer: a DTensor like p when p is one
+                self.state[p]["momentum_buffer"] = wrap_like(p, buf)

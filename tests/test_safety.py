@@ -205,10 +205,11 @@ def test_subclasses_never_fit_a_kernel():
     assert not tensors_fit_kernel([torch.zeros(0, device=DEVICE)] * 2, dtypes, plain.device)
 
 
-def test_dtensor_params_take_the_torch_path():
-    """FSDP2-style DTensor params (one gloo rank, CPU): the default backend steps them on the torch
-    path, equal to torch.optim + clip_grad_norm_; backend="triton" refuses with the reason. Before
-    this, the kernels read address 0 (a segfault under the interpreter): a child process."""
+def test_dtensor_params_step_on_local_shards_on_both_backends():
+    """FSDP2-style DTensor params (one gloo rank, CPU): both backends step their local shards,
+    equal to torch.optim + clip_grad_norm_, and keep DTensor state. Before issue 10 the kernels
+    read address 0 (a segfault under the interpreter): a child process. The multi-rank cases
+    are tests/test_distributed.py's."""
     script = textwrap.dedent("""
         import os
         os.environ["TRITON_INTERPRET"] = "1"
@@ -222,26 +223,24 @@ def test_dtensor_params_take_the_torch_path():
             g = torch.Generator().manual_seed(0)
             return [torch.nn.Parameter(distribute_tensor(torch.randn(n, generator=g), mesh, [Shard(0)]))
                     for n in (64, 17, 1)]
-        for name in ("Adam", "AdamW"):
-            ref_p, our_p = make(), make()
-            ref = getattr(torch.optim, name)(ref_p, lr=0.1)
-            ours = getattr(fusedopt, name)(our_p, lr=0.1, max_grad_norm=0.5)
-            for step in range(3):
-                g = torch.Generator().manual_seed(step)
-                for r, o in zip(ref_p, our_p):
-                    x = distribute_tensor(torch.randn(r.shape, generator=g), mesh, [Shard(0)])
-                    r.grad, o.grad = x.clone(), x.clone()
-                torch.nn.utils.clip_grad_norm_(ref_p, 0.5)
-                ref.step()
-                ours.step()
-                for r, o in zip(ref_p, our_p):
-                    torch.testing.assert_close(o.full_tensor(), r.full_tensor())
-            assert type(ours.state[our_p[0]]["exp_avg"]).__name__ == "DTensor"
-            try:
-                getattr(fusedopt, name)(our_p, backend="triton")
-                raise SystemExit("backend='triton' accepted DTensors")
-            except RuntimeError as e:
-                assert "DTensor" in str(e) and "backend='torch'" in str(e), e
+        for name in ("SGD", "Adam", "AdamW"):
+            for backend in ("torch", "triton"):
+                ref_p, our_p = make(), make()
+                kw = dict(momentum=0.9) if name == "SGD" else {}
+                ref = getattr(torch.optim, name)(ref_p, lr=0.1, foreach=False, **kw)
+                ours = getattr(fusedopt, name)(our_p, lr=0.1, max_grad_norm=0.5, backend=backend, **kw)
+                for step in range(3):
+                    g = torch.Generator().manual_seed(step)
+                    for r, o in zip(ref_p, our_p):
+                        x = distribute_tensor(torch.randn(r.shape, generator=g), mesh, [Shard(0)])
+                        r.grad, o.grad = x.clone(), x.clone()
+                    torch.nn.utils.clip_grad_norm_(ref_p, 0.5)
+                    ref.step()
+                    ours.step()
+                    for r, o in zip(ref_p, our_p):
+                        torch.testing.assert_close(o.full_tensor(), r.full_tensor())
+                key = "momentum_buffer" if name == "SGD" else "exp_avg"
+                assert type(ours.state[our_p[0]][key]).__name__ == "DTensor", (name, backend)
         dist.destroy_process_group()
         print("ok")
     """)
