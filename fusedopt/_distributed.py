@@ -120,7 +120,8 @@ class NormReduce:
                     f"{p.placements} but its gradient {grad.placements}; the update runs on "
                     "local shards, which must match")
             dims = dims_of(p)
-            sharded[i] = {dims[d] for d, pl in enumerate(p.placements) if pl.is_shard()}
+            # not is_shard(): FSDP over TP gives _StridedShard, whose is_shard() is False
+            sharded[i] = {dims[d] for d, pl in enumerate(p.placements) if not pl.is_replicate()}
         reduce_dims = sorted(set().union(*sharded.values()))
         if not reduce_dims:
             return None  # every parameter replicated: every rank already has the whole norm
