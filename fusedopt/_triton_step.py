@@ -164,7 +164,8 @@ class _GroupEntry:
     """One param group in a plan: its params' identities, the indices of those without a grad,
     its row flags, and the indices (into its params with a grad) that take the torch path."""
 
-    __slots__ = ("ids", "missing", "flags", "fallback", "fallback_params", "fallback_counted")
+    __slots__ = ("ids", "missing", "flags", "fallback", "fallback_params", "fallback_counted",
+                 "placements")
 
     def __init__(self, group, opt):
         params = group["params"]
@@ -172,6 +173,11 @@ class _GroupEntry:
         self.missing = [i for i, p in enumerate(params) if p.grad is None]
         self.flags = opt._row_flags(group)
         self.fallback, self.fallback_params, self.fallback_counted = [], [], []
+        self.placements = None  # DTensor plans: each grad's placements (None: plain or none)
+
+
+def _placements(t):
+    return getattr(t, "placements", None)
 
 
 class StepPlan:
@@ -206,6 +212,8 @@ class StepPlan:
         launches: dict[torch.dtype, _DtypeLaunches] = {}
         for gi, (group, params) in enumerate(zip(opt.param_groups, gathered)):
             entry = _GroupEntry(group, opt)
+            if self.dtensor:
+                entry.placements = [_placements(p.grad) for p in group["params"]]
             by_dtype: dict[torch.dtype, tuple] = {}
             for i, p in enumerate(params):
                 row = None
@@ -280,6 +288,10 @@ class StepPlan:
                 return None
             grads = list(map(_GRAD, params))
             if self.dtensor:
+                # a grad whose placements change (Partial, another shard dim) has local memory
+                # of the same size but other meaning: rebuild, and the slow path checks it
+                if list(map(_placements, grads)) != entry.placements:
+                    return None
                 grads = list(map(local, grads))
             if set(map(type, grads)) - _ONLY_TENSORS:  # None, or a tensor subclass
                 missing = [i for i, g in enumerate(grads) if g is None]

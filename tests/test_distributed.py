@@ -501,6 +501,17 @@ def errors_body(rank, world_size):
         fusedopt.SGD([p], max_grad_norm=1.0).step()
     # nothing was written by the refused steps
     assert torch.equal(_local(p), torch.ones(2, 2))
+    # a Triton plan cached over Shard(0) grads meets a grad of the same local size with other
+    # placements: the fast path must not take it (the slow path refuses it)
+    q = torch.nn.Parameter(distribute_tensor(torch.ones(4, 4), mesh, [Shard(0)]))
+    opt = fusedopt.SGD([q], lr=0.1, max_grad_norm=1.0, backend="triton")
+    for _ in range(2):
+        q.grad = distribute_tensor(torch.ones(4, 4), mesh, [Shard(0)])
+        opt.step()
+    assert opt._step_plan is not None
+    q.grad = distribute_tensor(torch.ones(4, 4), mesh, [Shard(1)])  # local 4x2: also 8 elements
+    with pytest.raises(ValueError, match="but its gradient"):
+        opt.step()
 
 
 def test_distributed_errors_name_the_problem():
