@@ -94,8 +94,7 @@ class NormReduce:
     @classmethod
     def build(cls, opt_name: str, params: list[torch.Tensor], norm_group) -> "NormReduce | None":
         """For the params with a grad this step (in step order); None when no collective is due."""
-        dtensors = [(i, p) for i, p in enumerate(params) if type(p) not in PLAIN_TYPES
-                    and is_dtensor(p)]
+        dtensors = [(i, p) for i, p in enumerate(params) if is_dtensor(p)]
         if not dtensors:
             return None if norm_group is None else cls(norm_group, [True] * len(params))
         if norm_group is not None:

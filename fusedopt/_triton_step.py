@@ -37,8 +37,7 @@ _GRAD = operator.attrgetter("grad")
 _DATA_PTR = torch.Tensor.data_ptr
 _CONTIGUOUS = torch.Tensor.is_contiguous
 _NUMEL = torch.Tensor.numel
-_ONLY_TENSORS = {torch.Tensor}
-_PLAIN = (torch.Tensor, torch.nn.Parameter)  # the grad types the fast check accepts (no None, no subclass)
+_ONLY_TENSORS = {torch.Tensor}  # the grad types the fast check accepts (no None, no subclass)
 
 
 class KernelClip:
@@ -198,7 +197,7 @@ class StepPlan:
         # DTensor params (FSDP2, tensor parallel): rows hold their local shards' addresses, and
         # each step re-reads the shards (a DTensor's local tensor can be swapped under it)
         flat = [p for ps in gathered for p in ps]
-        self.dtensor = any(type(p) not in _PLAIN and is_dtensor(p) for p in flat)
+        self.dtensor = any(map(is_dtensor, flat))
         self.reduce = NormReduce.build(type(opt).__name__, flat, opt.norm_group)
         counted = self.reduce.counted if self.reduce is not None else None
         at = 0  # flat index of the group's first param with a grad
