@@ -501,6 +501,16 @@ def errors_body(rank, world_size):
         fusedopt.SGD([p], max_grad_norm=1.0).step()
     # nothing was written by the refused steps
     assert torch.equal(_local(p), torch.ones(2, 2))
+    # DTensors on two unrelated meshes (two root meshes): no one group for the norm
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import Replicate
+    other = DeviceMesh("cpu", [[0], [1]], mesh_dim_names=("a", "b"))
+    r = torch.nn.Parameter(distribute_tensor(torch.ones(4), other, [Shard(0), Replicate()]))
+    r.grad = distribute_tensor(torch.ones(4), other, [Shard(0), Replicate()])
+    s = torch.nn.Parameter(distribute_tensor(torch.ones(4), mesh, [Shard(0)]))
+    s.grad = distribute_tensor(torch.ones(4), mesh, [Shard(0)])
+    with pytest.raises(ValueError, match="DTensors on unrelated device meshes"):
+        fusedopt.SGD([s, r], max_grad_norm=1.0).step()
     # a Triton plan cached over Shard(0) grads meets a grad of the same local size with other
     # placements: the fast path must not take it (the slow path refuses it)
     q = torch.nn.Parameter(distribute_tensor(torch.ones(4, 4), mesh, [Shard(0)]))
