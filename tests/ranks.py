@@ -3,8 +3,7 @@
 ``run_ranks(body, world_size, *args)`` calls ``body(rank, world_size, *args)`` in every rank (a
 module-level function, so that spawned processes can import it) and fails the calling test with
 the first rank's traceback. A file store, not a TCP port: parallel test runs never collide.
-Children inherit TRITON_INTERPRET from conftest, so the Triton backend runs under the
-interpreter there as it does in the parent.
+The ranks run with TRITON_INTERPRET=1, on a GPU machine too: their tensors are on the CPU.
 
 Helpers for bodies: ``full`` (a DTensor's whole value), ``CollectiveCounter`` (counts direct
 dist.all_reduce calls and all collectives in a block) and ``NoHostRead`` (fails on any read of a
@@ -33,9 +32,20 @@ def _entry(rank, body, world_size, store_path, args):
 
 
 def run_ranks(body, world_size: int, *args) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_entry, args=(body, world_size, os.path.join(tmp, "store"), args),
-                 nprocs=world_size, join=True)
+    # the ranks step CPU tensors, so their Triton backend runs under the interpreter on a GPU
+    # machine too; set for the children only (spawn copies the environment at start): in this
+    # process triton may already have compiled kernels for the GPU
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            mp.spawn(_entry, args=(body, world_size, os.path.join(tmp, "store"), args),
+                     nprocs=world_size, join=True)
+    finally:
+        if before is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = before
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
