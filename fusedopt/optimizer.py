@@ -10,7 +10,7 @@ import torch
 from fusedopt import clip as _clip
 from fusedopt import nonfinite as _nonfinite
 from fusedopt._dispatch import check_backend, choose_backend, first_subclass
-from fusedopt._distributed import NormReduce, check_norm_group, group_device, local
+from fusedopt._distributed import NormReduce, check_norm_group, group_device, is_dtensor, local
 from fusedopt._grouping import group_by_device_dtype, pick
 from fusedopt._state import tracked_copy
 
@@ -268,7 +268,11 @@ class ClippedStep:
         if guard.policy == "raise" and self.step_skipped is not None and bool(self.step_skipped):
             # the Triton path never writes .grad, so the culprit can be found after the step
             where = self._nonfinite_where
-            _nonfinite.raise_nonfinite(self, _nonfinite.culprit(self) if where is None else where)
+            where = _nonfinite.culprit(self) if not where else where
+            if not where and (self.norm_group is not None or any(
+                    is_dtensor(p) for g in self.param_groups for p in g["params"])):
+                where = " (on another rank: every rank skips when any finds one)"
+            _nonfinite.raise_nonfinite(self, where)
         return loss
 
     def _norm_reduce(self, params: list[torch.Tensor], guard) -> NormReduce | None:
