@@ -27,11 +27,7 @@ ranks; median and p10-p90 over the timed steps. Counted, in one more step of eac
 and gradients, one first step of each implementation gives the same parameters as the first torch
 recipe (torch.testing.assert_close's fp32 tolerance); its pre-clip norm is recorded beside.
 
-fusedopt (as of eaf8844) refuses the gradients of a model sharded per block: its shared-.grad check
-keys a DTensor grad on data_ptr(), which for FSDP2's grads is the shard's byte offset in its
-block's reduce-scatter buffer, equal across identical blocks. Each model is probed for that
-refusal; unless --no-workaround, the check is patched in this script's processes (WORKAROUND) and
-the files say so. The NCCL path (--device cuda, spawned ranks) is written but has not been run
+The NCCL path (--device cuda, spawned ranks) is written but has not been run
 (no multi-GPU machine yet); with one GPU, --device auto runs gloo on CPU and notes why.
 
 On CPU each rank runs ``--threads`` intra-op threads (default: the CPUs / ranks, at least 1).
@@ -81,13 +77,6 @@ DEFAULTS = {
     True: dict(models="tiny", steps=5, warmup=1),
     False: dict(models="gpt-30m,gpt2-small", steps=40, warmup=3),
 }
-# The message of fusedopt's shared-.grad refusal (fusedopt/optimizer.py, _gather): FSDP2's grads
-# are DTensors whose data_ptr() is their local shard's storage offset x itemsize (the wrapper has no
-# storage), so grads at one offset of different blocks' reduce-scatter buffers share the "key".
-SHARED_GRAD_REFUSAL = "share one .grad"
-WORKAROUND = ("bench-only monkeypatch: fusedopt.optimizer._storage_key keyed on the local shard "
-              "(fusedopt._distributed.local(g)), not the DTensor's data_ptr(); the step's math is "
-              "untouched")
 
 
 # -- one rank ----------------------------------------------------------------------------------
@@ -129,35 +118,6 @@ def make_step(impl: str, params: list, backend_of: dict):
     return opt, step, lambda: norm["n"]
 
 
-def probe_fusedopt(params, backend) -> str | None:
-    """The message of fusedopt's refusal of these params, on any rank, else None. The probe steps
-    without a clip (lr 0, no collective inside, so a rank that raises cannot leave another waiting
-    in the norm's all-reduce); one all_gather_object then tells every rank; params restored."""
-    from fusedopt._distributed import local
-    saved = [local(p).clone() for p in params]
-    message = None
-    try:
-        fusedopt.AdamW(params, lr=0.0, backend=backend).step()
-    except (ValueError, RuntimeError) as e:
-        message = f"{type(e).__name__}: {e}"
-    torch._foreach_copy_([local(p) for p in params], saved)
-    messages = [None] * dist.get_world_size()
-    dist.all_gather_object(messages, message)
-    return next((m for m in messages if m is not None), None)
-
-
-def patch_storage_key():
-    """Apply WORKAROUND; returns the function that undoes it (each model is probed unpatched)."""
-    import fusedopt.optimizer as fo
-    from fusedopt._distributed import local
-    original = fo._storage_key
-    fo._storage_key = lambda g: original(local(g))
-
-    def undo():
-        fo._storage_key = original
-    return undo
-
-
 def _max_abs_diff(a: list, b: list, device) -> torch.Tensor:
     """max |a - b| over two lists of tensors, in float64 (0 when all are empty)."""
     diff = torch.zeros((), dtype=torch.float64, device=device)
@@ -191,15 +151,6 @@ class CollectiveCounter:
 
 
 def bench_model(name, args, mesh, device, log) -> dict:
-    undo = []
-    try:
-        return _bench_model(name, args, mesh, device, log, undo)
-    finally:
-        for u in undo:
-            u()
-
-
-def _bench_model(name, args, mesh, device, log, undo) -> dict:
     from fusedopt._distributed import local
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = MODELS[name]
@@ -212,25 +163,13 @@ def _bench_model(name, args, mesh, device, log, undo) -> dict:
     master_p, master_g = [t.clone() for t in local_p], [t.clone() for t in local_g]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     out = dict(model=name, config=cfg, tensors=len(params), numel=sum(p.numel() for p in params),
-               local_numel_per_rank=None, fusedopt_refusal=None, workaround=None, failed=[],
-               rows=[])
+               local_numel_per_rank=None, failed=[], rows=[])
     counts = [None] * world
     dist.all_gather_object(counts, sum(t.numel() for t in local_p))
     out["local_numel_per_rank"] = counts
 
     impls = list(args.impls)
     backend_of = {"fusedopt (torch)": "torch", "fusedopt (triton)": None}
-    ours = [i for i in impls if i in OUR_IMPLS]
-    if ours:
-        refusal = probe_fusedopt(params, backend_of[ours[0]])
-        out["fusedopt_refusal"] = refusal
-        if refusal is not None and SHARED_GRAD_REFUSAL in refusal and not args.no_workaround:
-            undo.append(patch_storage_key())
-            out["workaround"] = WORKAROUND
-            refusal = probe_fusedopt(params, backend_of[ours[0]])
-        if refusal is not None:  # still refused: no fusedopt rows, the message says why
-            impls = [i for i in impls if i not in OUR_IMPLS]
-            log(f"{name}: fusedopt refused the FSDP2 params: {refusal}")
 
     # first step of each from the same params and grads: the sanity check against the first
     steps, ref, ref_first = {}, None, None
@@ -436,11 +375,6 @@ def markdown(meta: dict, models: list[dict], results: list[dict]) -> str:
                      + (f"**NOT close** to {rows[0]['reference_impl']}: {', '.join(far)}" if far
                         else f"every implementation is close to {rows[0]['reference_impl']} "
                         f"(max |diff| {max(r['first_step_max_abs_diff'] for r in rows):.2g})"))
-        if m["fusedopt_refusal"]:
-            lines.append(f"- {m['model']}: fusedopt.AdamW at {meta['commit']} refuses FSDP2's "
-                         f"gradients: {m['fusedopt_refusal']}")
-            lines.append(f"  - workaround applied: {m['workaround']}" if m["workaround"] else
-                         "  - no workaround applied (--no-workaround): no fusedopt rows")
     return "\n".join(lines) + "\n"
 
 
@@ -491,9 +425,6 @@ def parse_args(argv=None):
                         + " (default: all that run on the device)")
     parser.add_argument("--steps", type=int, help="timed steps per implementation")
     parser.add_argument("--warmup", type=int, help="untimed steps first (>= 1)")
-    parser.add_argument("--no-workaround", action="store_true",
-                        help="if fusedopt refuses FSDP2's grads as shared, leave it out rather "
-                             "than patch its check (see WORKAROUND)")
     parser.add_argument("--out-dir", default="bench/results", help="where the files go")
     args = parser.parse_args(argv)
     args.notes = []

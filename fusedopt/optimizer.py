@@ -117,7 +117,10 @@ def _duplicate_message(name, where, first, second, p) -> str:
 
 def _storage_key(g: torch.Tensor):
     """What identifies a gradient's memory: its address (the object for an empty tensor or a
-    wrapper subclass without storage, whose data_ptr() is 0)."""
+    wrapper subclass without storage, whose data_ptr() is 0). A DTensor's is its local shard's:
+    FSDP2's gradient DTensors report the shard's byte offset in its block's buffer as data_ptr(),
+    the same number for the same parameter of two identical blocks."""
+    g = local(g)
     try:
         return g.data_ptr() or id(g)
     except RuntimeError:  # no storage (some subclasses)

@@ -129,6 +129,10 @@ def fsdp2_body(rank, world_size):
                     norm_type=math.inf)
         _train_pair(rank, _fsdp2(mesh), "SGD", dict(lr=0.1, momentum=0.5), backend, clip=0.3,
                     value_clip=0.4)
+        # two identical blocks: FSDP2's grad DTensors report their offset in the block's buffer
+        # as data_ptr(), equal for the same param of both (once refused as "one shared .grad")
+        _train_pair(rank, _fsdp2(mesh), "AdamW", dict(lr=0.01), backend, clip=0.5, width=8,
+                    model=lambda: _model(sizes=(8, 8, 8)))
     # a shard of >= 65536 fp32 elements takes clip.py's large-tensor CPU norm: on the local
     # shard, so still no collective but the clip's (it all-gathered the whole grad before)
     counts = []
