@@ -1,9 +1,11 @@
 """Distributed training: DTensor parameters stepped on their local shards, and the one all-reduce
 that turns each rank's share of the gradient norm into the global norm.
 
-Local shards. A DTensor (FSDP2, HSDP, tensor parallel) is a wrapper: its ``data_ptr()`` is 0 and
-its ``numel()`` global. Every fused op and kernel gets ``local(t)``, the shard this rank holds
-(``_local_tensor``: no autograd node, 30 ns); state tensors stay DTensors with the param's
+Local shards. A DTensor (FSDP2, HSDP, tensor parallel) is a wrapper: its ``numel()`` is global
+and its ``data_ptr()`` is not its shard's address (0, or under FSDP2 the shard's offset in its
+block's buffer). Every fused op and kernel gets ``local(t)``, the shard this rank holds
+(``_local_tensor``: 78 ns a call, where ``to_local()`` takes 3.9 us, 2 AMD EPYC cores, torch
+2.13); state tensors stay DTensors with the param's
 placements (``torch.zeros_like(p)`` keeps them; ``wrap_like`` wraps a new local buffer), so
 ``state_dict()`` and torch.distributed.checkpoint see what torch.optim would keep.
 

@@ -14,8 +14,9 @@ import itertools
 import torch
 
 # The only tensor types whose data_ptr() and numel() are the memory a kernel may touch. A
-# subclass may be a wrapper with no storage of its own (a DTensor reports data_ptr() == 0 and its
-# global numel), so none reaches a kernel: subclasses take the torch path.
+# subclass may be a wrapper with no storage of its own (a DTensor's numel() is global and its
+# data_ptr() 0 or an offset), so none reaches a kernel: a DTensor goes as its local shard
+# (fusedopt/_distributed.py), other subclasses take the torch path.
 PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
