@@ -393,23 +393,6 @@ def out_paths(out_dir: str, device: str, quick: bool) -> dict:
         n += 1
 
 
-def _commit() -> str:
-    """HEAD's short hash, and whether fusedopt/ or kernels/ differ from it (bench/host.py's; not
-    imported from there, which sets TRITON_INTERPRET=1 at import)."""
-    import subprocess
-    root = pathlib.Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=root).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
-                                "fusedopt", "kernels"], capture_output=True, text=True,
-                               cwd=root).stdout.strip()
-    except OSError:
-        return "unknown"
-    return (head or "unknown") + (" + uncommitted changes in fusedopt/ or kernels/" if dirty
-                                  else "")
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -459,7 +442,7 @@ def main(argv=None):
     import torch.distributed.fsdp  # noqa: F401  (imported once here, before forked ranks need it)
     import torch.distributed.tensor.debug  # noqa: F401
     import train  # noqa: F401
-    meta = dict(versions=measure.versions(), fusedopt=fusedopt.__version__, commit=_commit(),
+    meta = dict(versions=measure.versions(), fusedopt=fusedopt.__version__, commit=measure.commit(),
                 world_size=args.world_size, steps=args.steps, warmup=args.warmup,
                 max_grad_norm=run.MAX_NORM, quick=args.quick, models=args.models,
                 impls=args.impls, date=datetime.datetime.now().isoformat(timespec="seconds"))

@@ -294,27 +294,12 @@ def parse_args(argv=None):
     return args
 
 
-def _commit() -> str:
-    """HEAD's short hash, and whether fusedopt/ or kernels/ differ from it (what was measured)."""
-    import subprocess
-    root = pathlib.Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=root).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
-                                "fusedopt", "kernels"], capture_output=True, text=True,
-                               cwd=root).stdout.strip()
-    except OSError:
-        return "unknown"
-    return (head or "unknown") + (" + uncommitted changes in fusedopt/ or kernels/" if dirty else "")
-
-
 def main(argv=None):
     args = parse_args(argv)
     counts: dict = {}
     cpu = torch.device("cpu")
     meta = dict(device=measure.device_name(cpu), versions=measure.versions(),
-                fusedopt=fusedopt.__version__, commit=_commit(), steps=args.steps,
+                fusedopt=fusedopt.__version__, commit=measure.commit(), steps=args.steps,
                 warmup=args.warmup, max_grad_norm=run.MAX_NORM, quick=args.quick,
                 date=datetime.datetime.now().isoformat(timespec="seconds"),
                 stubbed_kernels=stub_kernels(counts), flat_grads=flat_grads_note(),

@@ -101,6 +101,23 @@ def device_name(device: torch.device) -> str:
     return f"{name}, {torch.get_num_threads()} torch threads"
 
 
+def commit() -> str:
+    """HEAD's short hash, and whether fusedopt/ or kernels/ differ from it (what was measured)."""
+    import pathlib
+    import subprocess
+    root = pathlib.Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=root).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                "fusedopt", "kernels"], capture_output=True, text=True,
+                               cwd=root).stdout.strip()
+    except OSError:
+        return "unknown"
+    return (head or "unknown") + (" + uncommitted changes in fusedopt/ or kernels/" if dirty
+                                  else "")
+
+
 def versions() -> dict:
     try:
         import triton
