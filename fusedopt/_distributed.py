@@ -64,14 +64,25 @@ def wrap_like(p, t: torch.Tensor):
 
 
 def check_norm_group(norm_group):
-    """None, or a torch.distributed ProcessGroup (what ZeRO passes through unchanged)."""
-    if norm_group is None:
-        return None
-    import torch.distributed as dist
-    if not isinstance(norm_group, dist.ProcessGroup):
-        raise TypeError(f"norm_group must be a torch.distributed ProcessGroup (e.g. "
-                        f"dist.group.WORLD) or None, got {type(norm_group).__name__}")
+    """None, a torch.distributed ProcessGroup, or "world": the default group, looked up at each
+    step. A ProcessGroup cannot be pickled, and ZeroRedundancyOptimizer copies its keywords into
+    its own param_groups, which its state_dict() then carries: "world" keeps that picklable."""
+    if norm_group is None or norm_group == "world":
+        return norm_group
+    if not (torch.distributed.is_available()
+            and isinstance(norm_group, torch.distributed.ProcessGroup)):
+        raise TypeError(f"norm_group must be a torch.distributed ProcessGroup, \"world\" (the "
+                        f"default group) or None, got {norm_group!r}")
     return norm_group
+
+
+def is_process_group(value) -> bool:
+    return torch.distributed.is_available() and isinstance(value, torch.distributed.ProcessGroup)
+
+
+def resolve(norm_group):
+    """The ProcessGroup ``norm_group`` (check_norm_group's) stands for."""
+    return torch.distributed.group.WORLD if norm_group == "world" else norm_group
 
 
 def group_device(group) -> torch.device:
@@ -98,7 +109,7 @@ class NormReduce:
         """For the params with a grad this step (in step order); None when no collective is due."""
         dtensors = [(i, p) for i, p in enumerate(params) if is_dtensor(p)]
         if not dtensors:
-            return None if norm_group is None else cls(norm_group, [True] * len(params))
+            return None if norm_group is None else cls(resolve(norm_group), [True] * len(params))
         if norm_group is not None:
             raise ValueError(
                 f"fusedopt.{opt_name}: norm_group= declares plain-tensor shards (ZeRO, FSDP1), but "
@@ -158,13 +169,14 @@ def _root_mesh(opt_name, dtensors):
     roots = {}
     for i, mesh in meshes.values():
         root = mesh._get_root_mesh()
-        roots.setdefault(id(root), (i, root))
-    if len(roots) > 1 and len({r for _, r in roots.values()}) > 1:
+        roots.setdefault(root, (i, root))  # equal meshes (same ranks, layout, names) are one
+    if len(roots) > 1:
         (i, a), (j, b) = list(roots.values())[:2]
         raise ValueError(
             f"fusedopt.{opt_name}: parameters {i} and {j} are DTensors on unrelated device meshes "
-            f"({a} and {b}); one global norm needs one mesh (or sub-meshes of one): give each "
-            "mesh its own optimizer")
+            f"(ranks {a.mesh.tolist()}, dims {a.mesh_dim_names}; ranks {b.mesh.tolist()}, dims "
+            f"{b.mesh_dim_names}); one global norm needs one mesh (or sub-meshes of one): give "
+            "each mesh its own optimizer")
     root = next(iter(roots.values()))[1]
     names = root.mesh_dim_names
 
@@ -176,8 +188,9 @@ def _root_mesh(opt_name, dtensors):
                 or not set(mesh.mesh_dim_names) <= set(names):
             raise ValueError(
                 f"fusedopt.{opt_name}: a DTensor parameter (shape {tuple(p.shape)}) is on a "
-                f"sub-mesh {mesh} whose dimensions cannot be matched by name to its root mesh "
-                f"{root}; name the mesh dimensions (init_device_mesh(..., mesh_dim_names=...))")
+                f"sub-mesh with dims {mesh.mesh_dim_names} that are not dims of its root mesh "
+                f"({names}): a flattened sub-mesh, or an unnamed mesh; shard it on the root "
+                "mesh or a slice of it by name (init_device_mesh(..., mesh_dim_names=...))")
         return [names.index(n) for n in mesh.mesh_dim_names]
     return root, dims_of
 

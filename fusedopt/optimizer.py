@@ -5,12 +5,15 @@ constructor validation, defaults, state_dict and load_state_dict are torch's own
 gather the (param, grad) pairs of every group, value-clamp, take the global norm, then hand each
 (device, dtype) group to the class's ``_update_`` with the clip folded in.
 """
+import copy
+
 import torch
 
 from fusedopt import clip as _clip
 from fusedopt import nonfinite as _nonfinite
 from fusedopt._dispatch import check_backend, choose_backend, first_subclass
-from fusedopt._distributed import NormReduce, check_norm_group, group_device, is_dtensor, local
+from fusedopt._distributed import (NormReduce, check_norm_group, group_device, is_dtensor,
+                                   is_process_group, local)
 from fusedopt._grouping import group_by_device_dtype, pick
 from fusedopt._state import tracked_copy
 
@@ -91,10 +94,12 @@ def class_doc(summary: str, update_math: str, args: str, name: str, state_note: 
             syncs). Under a GradScaler, the scaler's own skip applies instead.
         backend (str, optional): ``"torch"``, ``"triton"`` or None: Triton for parameters on one
             CUDA device when triton imports, else torch (fusedopt/_dispatch.py).
-        norm_group (ProcessGroup, optional): declares that the parameters are disjoint shards
-            across this group (ZeRO's partitions, FSDP1's flat shards), so the clip's norm is
-            summed over it with one all-reduce per step. DTensor parameters (FSDP2, HSDP, tensor
-            parallel) need none: their placements say it.
+        norm_group (ProcessGroup or "world", optional): declares that the parameters are
+            disjoint shards across this group (ZeRO's partitions, FSDP1's flat shards), so the
+            clip's norm is summed over it with one all-reduce per step; "world" is the default
+            group and, unlike a ProcessGroup, can be pickled (ZeroRedundancyOptimizer keeps its
+            keywords in its state_dict). DTensor parameters (FSDP2, HSDP, tensor parallel) need
+            none: their placements say it.
 
     Differences from torch.optim.{name}:
         clipping happens inside ``step``, over every param with a grad in every group, and
@@ -282,10 +287,10 @@ class ClippedStep:
         """This step's collective for the norm and the skip flag (fusedopt/_distributed.py), or
         None when there is nothing to reduce (no clip, no inf/NaN detection: a GradScaler's
         found_inf is already global) or every rank already sees the whole norm (one device, DDP,
-        all parameters replicated)."""
-        if self.max_grad_norm is None and not guard.detect:
-            return None
-        return NormReduce.build(type(self).__name__, params, self.norm_group)
+        all parameters replicated). Built every step: it also checks DTensor placements, which
+        the update on local shards needs whether or not it clips."""
+        reduce = NormReduce.build(type(self).__name__, params, self.norm_group)
+        return reduce if self.max_grad_norm is not None or guard.detect else None
 
     def _step_torch(self, gathered: list[list[torch.Tensor]], guard) -> torch.Tensor | None:
         """The torch path: unscale and check .grad in place (under a guard), clamp it in place,
@@ -340,9 +345,13 @@ class ClippedStep:
 
     def state_dict(self):
         """torch.optim's, with plain dicts per parameter (torch.load(weights_only=True) takes no
-        other class; ours are fusedopt/_state.py's tracked ones)."""
+        other class; ours are fusedopt/_state.py's tracked ones). A ProcessGroup in a param group
+        (ZeroRedundancyOptimizer copies its ``norm_group=`` keyword into every group) is left out:
+        it cannot be pickled, and consolidate_state_dict() pickles this."""
         out = super().state_dict()
         out["state"] = {k: dict(v) if isinstance(v, dict) else v for k, v in out["state"].items()}
+        out["param_groups"] = [{k: v for k, v in g.items() if not is_process_group(v)}
+                               for g in out["param_groups"]]
         return out
 
     def load_state_dict(self, state_dict) -> None:
@@ -355,10 +364,27 @@ class ClippedStep:
         super().__setstate__(state)
         self._track_state()
 
-    def __getstate__(self):
+    def _own_state(self) -> dict:
         state = super().__getstate__()
         state.update({k: getattr(self, k) for k in _OWN_ATTRS})
         return state
+
+    def __getstate__(self):  # pickle
+        if is_process_group(self.norm_group):
+            raise TypeError(
+                f"fusedopt.{type(self).__name__} with norm_group=<ProcessGroup> cannot be pickled "
+                "(a process group is a live connection): pickle state_dict() instead, or pass "
+                "norm_group=\"world\", which names the default group")
+        return self._own_state()
+
+    def __deepcopy__(self, memo):
+        """A copy that shares the process group (a connection, not a value), else as pickling."""
+        if self.norm_group is not None:
+            memo[id(self.norm_group)] = self.norm_group
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self._own_state(), memo))
+        return new
 
     def __repr__(self) -> str:
         settings = ", ".join(f"{k}={getattr(self, k)!r}" for k in _OWN_ATTRS[:6]

@@ -11,7 +11,10 @@ reduction) and the torch path divides by the clip where torch multiplies (confte
 Every scenario runs in spawned ranks (tests/ranks.py); one spawn checks many settings, since a
 spawn costs ~2 s and the interpreter's launches ~0.1 s each.
 """
+import copy
+import io
 import math
+import pickle
 
 import pytest
 import torch
@@ -305,11 +308,13 @@ def zero_body(rank, world_size):
         for name, kw in OPTIMIZERS:
             ref_model, our_model = DDP(_model()), DDP(_model())
             ref_opt = getattr(torch.optim, name)(ref_model.parameters(), **kw)
+            # "world" (picklable) for one optimizer, the ProcessGroup itself for the others
+            group = "world" if name == "SGD" else dist.group.WORLD
             our_opt = ZeroRedundancyOptimizer(
                 our_model.parameters(), optimizer_class=getattr(fusedopt, name), **kw,
-                max_grad_norm=0.5, norm_group=dist.group.WORLD, backend=backend)
+                max_grad_norm=0.5, norm_group=group, backend=backend)
             local_opt = our_opt.optim
-            assert local_opt.norm_group is dist.group.WORLD
+            assert local_opt.norm_group is group
             held = {id(p) for g in local_opt.param_groups for p in g["params"]}
             assert 0 < len(held) < len(list(our_model.parameters()))  # partitioned
             for step in range(STEPS):
@@ -326,6 +331,23 @@ def zero_body(rank, world_size):
                 our_opt.zero_grad()
             for (n, r), o in zip(ref_model.named_parameters(), our_model.parameters()):
                 _assert_close(o, r, f"rank {rank} ZeRO {name} {backend} {n}")
+            # ZeRO's checkpoint: consolidate pickles each rank's state_dict (the group that ZeRO
+            # copied into every param group is left out); ZeRO's own state_dict keeps its
+            # keywords, so it pickles only with norm_group="world"
+            our_opt.consolidate_state_dict(to=0)
+            if rank == 0:
+                full_state = our_opt.state_dict()
+                if group == "world":
+                    torch.save(full_state, io.BytesIO())
+                    assert full_state["param_groups"][0]["norm_group"] == "world"
+            torch.save(local_opt.state_dict(), io.BytesIO())
+            twin = copy.deepcopy(local_opt)  # shares the group, copies the state
+            assert twin.norm_group is group and twin.state is not local_opt.state
+            if group is not dist.group.WORLD:
+                pickle.dumps(local_opt)
+            else:
+                with pytest.raises(TypeError, match="cannot be pickled .* norm_group=\"world\""):
+                    pickle.dumps(local_opt)
 
 
 def test_zero_with_norm_group_clips_by_the_global_norm():
@@ -504,6 +526,9 @@ def errors_body(rank, world_size):
     p.grad = torch.distributed.tensor.DTensor.from_local(torch.ones(4, 2), mesh, [Partial()])
     with pytest.raises(ValueError, match="Partial placement"):
         fusedopt.SGD([p], max_grad_norm=1.0).step()
+    for backend in BACKENDS:  # without a clip too: the update on local shards needs the sum
+        with pytest.raises(ValueError, match="Partial placement"):
+            fusedopt.SGD([p], backend=backend).step()
     # nothing was written by the refused steps
     assert torch.equal(_local(p), torch.ones(2, 2))
     # DTensors on two unrelated meshes (two root meshes): no one group for the norm
@@ -534,8 +559,9 @@ def test_distributed_errors_name_the_problem():
 
 
 def test_norm_group_must_be_a_process_group():
-    with pytest.raises(TypeError, match="norm_group must be a torch.distributed ProcessGroup"):
-        fusedopt.AdamW([torch.nn.Parameter(torch.ones(2))], norm_group="world")
+    with pytest.raises(TypeError, match="norm_group must be a torch.distributed ProcessGroup, "
+                                        "\"world\" \\(the default group\\) or None, got 'WORLD'"):
+        fusedopt.AdamW([torch.nn.Parameter(torch.ones(2))], norm_group="WORLD")
 
 
 def test_other_tensor_subclasses_still_refused_by_triton():
