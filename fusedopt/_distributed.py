@@ -161,11 +161,15 @@ class NormReduce:
 
 
 def _root_mesh(opt_name, dtensors):
-    """The one root mesh of every DTensor param, and a function mapping a param's mesh dims to
-    root dims (identity on the root itself; by dimension name for a sub-mesh)."""
+    """The mesh the norm is reduced on, and a function mapping a param's mesh dims to its dims:
+    the params' one mesh when they share one (a flattened mesh too, as torchtitan's dp_shard_cp),
+    else their common root mesh, whose dims a sub-mesh's are matched to by name."""
     meshes = {}
     for i, p in dtensors:
-        meshes.setdefault(id(p.device_mesh), (i, p.device_mesh))
+        meshes.setdefault(p.device_mesh, (i, p.device_mesh))  # equal meshes are one
+    if len(meshes) == 1:
+        mesh = next(iter(meshes))
+        return mesh, lambda p: list(range(mesh.ndim))
     roots = {}
     for i, mesh in meshes.values():
         root = mesh._get_root_mesh()

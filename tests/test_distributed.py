@@ -251,6 +251,11 @@ def hsdp_body(rank, world_size):
         _train_pair(rank, _fsdp2(mesh), "AdamW", dict(lr=0.01), backend, clip=0.5, counts=counts)
         assert [c.all_reduce for c in counts] == [1] * STEPS
         assert replica in (0, 1)
+    # all params on one flattened mesh (as torchtitan's dp_shard_cp): that mesh is the one
+    flat = mesh["replicate", "shard"]._flatten("flat")
+    counts = []
+    _train_pair(rank, _fsdp2(flat), "AdamW", dict(lr=0.01), "torch", clip=0.5, counts=counts)
+    assert [c.all_reduce for c in counts] == [1] * STEPS
     # the clip's collective spans the shard dim only: 2 ranks, not 4
     from fusedopt._distributed import NormReduce
     model = _fsdp2(mesh)(_model())
