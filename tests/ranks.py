@@ -10,6 +10,7 @@ dist.all_reduce calls and all collectives in a block) and ``NoHostRead`` (fails 
 tensor's value by the host in a block: what would be a device sync on a GPU).
 """
 import contextlib
+import gc
 import os
 import tempfile
 
@@ -28,6 +29,9 @@ def _entry(rank, body, world_size, store_path, args):
         body(rank, world_size, *args)
         dist.barrier()
     finally:
+        # torch 2.13 CPU: destroying the group while a DDP/FSDP2 module or a mesh still holds it
+        # can abort the process at exit (README, Distributed training); free them first
+        gc.collect()
         dist.destroy_process_group()
 
 
