@@ -410,10 +410,8 @@ def _fallback_prepare_(clip, grads, counted, opt, guard, slot, width) -> None:
             flags[0] = torch.where(found != 0, float("nan"), 0.0)
     if opt.max_grad_value is not None:
         _clip.clamp_grads_(grads, opt.max_grad_value)
-    if clip.norm:
-        norm = _clip.total_norm([g for g, c in zip(grads, counted) if c], opt.norm_type,
-                                device).float()
-        share = norm * norm if opt.norm_type == 2.0 else norm
+    if clip.norm:  # the share as the kernels' partials hold it: sum of squares, or max |g|
+        share = _clip.norm_share([g for g, c in zip(grads, counted) if c], opt.norm_type, device)
         partials = clip.partials[slot * width:(slot + 1) * width]
         partials.zero_()
         partials[0] = share

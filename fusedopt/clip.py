@@ -100,6 +100,16 @@ def _norms(grads: list[torch.Tensor], norm_type: float, dtype: torch.dtype) -> l
     return norms
 
 
+def _tensor_norms(grads: list[torch.Tensor], norm_type: float) -> list[torch.Tensor]:
+    """Each non-empty grad's norm, one foreach launch per (device, dtype) (_norms); empty
+    tensors add nothing (torch's inf-norm of an empty tensor raises)."""
+    grads = [g for g in grads if g.numel() > 0]
+    norms = []
+    for (_, dtype), idx in group_by_device_dtype(grads).items():
+        norms.extend(_norms(pick(grads, idx), norm_type, dtype))
+    return norms
+
+
 def total_norm(grads: list[torch.Tensor], norm_type: float, device: torch.device) -> torch.Tensor:
     """The norm of all ``grads`` seen as one vector, a 0-dim tensor on ``device``.
 
@@ -107,12 +117,9 @@ def total_norm(grads: list[torch.Tensor], norm_type: float, device: torch.device
     tensors: see _large_cpu_norm), then the norm of the stacked norms. Empty tensors add nothing
     (torch's inf-norm of an empty tensor raises).
     """
-    grads = [g for g in grads if g.numel() > 0]
-    if not grads:
+    norms = _tensor_norms(grads, norm_type)
+    if not norms:
         return torch.zeros((), dtype=torch.float32, device=device)
-    norms = []
-    for (_, dtype), idx in group_by_device_dtype(grads).items():
-        norms.extend(_norms(pick(grads, idx), norm_type, dtype))
     out_dtype = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
     stacked = torch.stack([n.to(device=device, dtype=out_dtype, non_blocking=True) for n in norms])
     return torch.linalg.vector_norm(stacked, norm_type)
@@ -122,12 +129,9 @@ def norm_share(grads: list[torch.Tensor], norm_type: float, device: torch.device
     """This rank's share of a norm taken over several ranks (fusedopt/_distributed.py): the sum
     of squares (L2) or max |g| (inf) of ``grads``, a 0-dim fp64 tensor on ``device``; the
     all-reduce adds (or maxes) the shares, the root of the sum is the norm."""
-    grads = [g for g in grads if g.numel() > 0]
-    if not grads:
+    norms = _tensor_norms(grads, norm_type)
+    if not norms:
         return torch.zeros((), dtype=torch.float64, device=device)
-    norms = []
-    for (_, dtype), idx in group_by_device_dtype(grads).items():
-        norms.extend(_norms(pick(grads, idx), norm_type, dtype))
     stacked = torch.stack([n.to(device=device, dtype=torch.float64, non_blocking=True)
                            for n in norms])
     return stacked.max() if norm_type == math.inf else stacked.square().sum()
