@@ -67,13 +67,10 @@ def check_norm_group(norm_group):
     """None, a torch.distributed ProcessGroup, or "world": the default group, looked up at each
     step. A ProcessGroup cannot be pickled, and ZeroRedundancyOptimizer copies its keywords into
     its own param_groups, which its state_dict() then carries: "world" keeps that picklable."""
-    if norm_group is None or norm_group == "world":
+    if norm_group is None or norm_group == "world" or is_process_group(norm_group):
         return norm_group
-    if not (torch.distributed.is_available()
-            and isinstance(norm_group, torch.distributed.ProcessGroup)):
-        raise TypeError(f"norm_group must be a torch.distributed ProcessGroup, \"world\" (the "
-                        f"default group) or None, got {norm_group!r}")
-    return norm_group
+    raise TypeError(f"norm_group must be a torch.distributed ProcessGroup, \"world\" (the "
+                    f"default group) or None, got {norm_group!r}")
 
 
 def is_process_group(value) -> bool:
