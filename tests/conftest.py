@@ -8,6 +8,9 @@ rtol 1e-5. In fp64 the clip is the same multiply as torch's and only op order di
 import contextlib
 import math
 import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,6 +20,7 @@ if not torch.cuda.is_available():
     # anything imports triton (fusedopt imports it only when the Triton backend first runs).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BENCH = pathlib.Path(__file__).resolve().parent.parent / "bench"
 
 TOL = {
     torch.float32: dict(rtol=1e-5, atol=1e-6),
@@ -32,6 +36,15 @@ def low_precision_bound(err_torch: float, expected: torch.Tensor, dtype: torch.d
     largest = float(expected.detach().abs().max()) if expected.numel() else 0.0
     ulp = torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(largest)) if largest > 0 else 0.0
     return 2 * err_torch + ulp / 2
+
+
+def run_bench(script, *args, out_dir, timeout=300) -> str:
+    """Run ``bench/<script> *args --out-dir out_dir`` as a user would; fail with the end of its
+    stderr unless it exits 0; return its stdout."""
+    done = subprocess.run([sys.executable, str(BENCH / script), *args, "--out-dir", str(out_dir)],
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
 
 
 def assert_close(actual, expected, dtype=None, **kw):

@@ -3,18 +3,13 @@ carry the machine, the versions and every raw number, the recipes agree after on
 collectives per step are as counted. Timings are not looked at beyond being positive."""
 import json
 import math
-import pathlib
-import subprocess
-import sys
 
-BENCH = pathlib.Path(__file__).resolve().parent.parent / "bench"
+from conftest import run_bench
 
 
 def test_distributed_py_quick_writes_results(tmp_path):
-    done = subprocess.run([sys.executable, str(BENCH / "distributed.py"), "--quick", "--out-dir",
-                           str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "| model (tensors, params) |" in done.stdout  # the Markdown table, printed
+    out = run_bench("distributed.py", "--quick", out_dir=tmp_path, timeout=120)
+    assert "| model (tensors, params) |" in out  # the Markdown table, printed
     (md,) = tmp_path.glob("distributed-*-quick.md")
     assert md.read_text().startswith("# fusedopt distributed step")
     data = json.loads(md.with_suffix(".json").read_text())

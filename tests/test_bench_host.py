@@ -2,18 +2,13 @@
 timings are not looked at beyond being positive numbers."""
 import json
 import math
-import pathlib
-import subprocess
-import sys
 
-BENCH = pathlib.Path(__file__).resolve().parent.parent / "bench"
+from conftest import run_bench
 
 
 def test_host_py_quick_writes_results_and_constant_launches(tmp_path):
-    done = subprocess.run([sys.executable, str(BENCH / "host.py"), "--quick", "--out-dir",
-                           str(tmp_path)], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "| set (tensors) |" in done.stdout  # the Markdown table, printed
+    out = run_bench("host.py", "--quick", out_dir=tmp_path)
+    assert "| set (tensors) |" in out  # the Markdown table, printed
     (md,) = tmp_path.glob("host-*-quick.md")
     assert md.read_text().startswith("# fusedopt host overhead")
     assert md.with_name(md.stem + "-profile.txt").read_text().count("top 15 by") == 4

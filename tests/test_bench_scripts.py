@@ -2,7 +2,6 @@
 import importlib
 import json
 import os
-import pathlib
 import subprocess
 import sys
 import types
@@ -10,19 +9,13 @@ import types
 import pytest
 import torch
 
-BENCH = pathlib.Path(__file__).resolve().parent.parent / "bench"
-
-
-def run(script, *args, tmp_path):
-    done = subprocess.run([sys.executable, str(BENCH / script), *args, "--out-dir", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+from conftest import BENCH, run_bench
 
 
 def test_run_py_writes_markdown_json_and_chart(tmp_path):
-    out = run("run.py", "--shapes", "smoke", "--optimizers", "sgd,adamw", "--dtypes", "float32",
-              "--clip", "on,off,amp", "--steps", "2", "--warmup", "1", tmp_path=tmp_path)
+    out = run_bench("run.py", "--shapes", "smoke", "--optimizers", "sgd,adamw", "--dtypes",
+                    "float32", "--clip", "on,off,amp", "--steps", "2", "--warmup", "1",
+                    out_dir=tmp_path)
     assert "fusedopt against the best torch recipe" in out
     (md,) = tmp_path.glob("cpu-*.md")
     data = json.loads(md.with_suffix(".json").read_text())
@@ -36,7 +29,7 @@ def test_run_py_writes_markdown_json_and_chart(tmp_path):
 
 
 def test_train_py_loss_curves_coincide(tmp_path):
-    out = run("train.py", "--steps", "12", "--warmup", "2", tmp_path=tmp_path)
+    out = run_bench("train.py", "--steps", "12", "--warmup", "2", out_dir=tmp_path)
     assert "max |loss a - loss b|" in out
     (result,) = tmp_path.glob("train-*.json")
     assert result.with_suffix(".png").stat().st_size > 0
