@@ -12,7 +12,7 @@ nothing. Everything up to the launch is the real code: gather, checks, plan and 
 addresses, table rebuilds, the launch arguments. Not measured: Triton's own launch path
 (JITFunction.run: argument binding, cache lookup, driver call; a constant per launch, not per
 tensor) and, on CUDA, the pinned-memory copy and host-to-device copy of a changed table. On CPU
-``_multi_tensor._to_device`` is ``.to("cpu")`` of a CPU tensor, which returns it as is: no copy.
+``_multi_tensor.to_device`` is ``.to("cpu")`` of a CPU tensor, which returns it as is: no copy.
 
 torch side: clip_grad_norm_(params, 1.0, foreach=True) + torch.optim.X(fused=True) (and
 foreach=True) on as many tensors of 1 element each, so that the arithmetic is negligible and what
@@ -100,7 +100,7 @@ def stub_kernels(counts: dict) -> list[str]:
                                                              InterpretedFunction)):
                 setattr(module, name, NullKernel(name, counts))
                 replaced.append(f"{info.name}.{name}")
-    missing = {"norm._norm_kernel", "sgd._sgd_kernel", "adam._adam_kernel"} - set(replaced)
+    missing = {"norm._norm_kernel", "update._update_kernel"} - set(replaced)
     if missing:
         raise RuntimeError(f"kernels not found to stub: {sorted(missing)}")
     return replaced

@@ -53,36 +53,38 @@ def triton_unavailable_reason(devices: set[torch.device]) -> str | None:
 
 
 def first_subclass(params) -> str | None:
-    """A description of the first parameter that is a tensor subclass other than DTensor, or
-    None. Its data_ptr() and numel() need not be the memory a kernel may touch, so such a step
+    """Why the kernels cannot take ``params``: the first one that is a tensor subclass other than
+    DTensor, described; None when there is none. Its data_ptr() and numel() need not be the memory a kernel may touch, so such a step
     takes the torch path whole. DTensors (FSDP2, tensor parallel) step on their local shards on
     either backend (fusedopt/_distributed.py)."""
     from fusedopt._distributed import is_dtensor
     for i, p in enumerate(params):
         if type(p) not in (torch.Tensor, torch.nn.Parameter) and not is_dtensor(p):
-            return f"parameter {i} (shape {tuple(p.shape)}) is a {type(p).__name__}"
+            return (f"parameter {i} (shape {tuple(p.shape)}) is a {type(p).__name__}; the kernels "
+                    "take plain tensors and DTensors only (other tensor subclasses step on "
+                    "backend='torch')")
     return None
 
 
 def choose_backend(requested: str | None, devices: set[torch.device],
-                   subclass: str | None = None) -> str:
-    """The backend for one step over parameters on ``devices``; ``subclass``: first_subclass's
-    description of a tensor-subclass parameter among them, if any.
+                   obstacle: str | None = None) -> str:
+    """The backend for one step over parameters on ``devices``; ``obstacle``: why the kernels
+    cannot take this step whatever the device (first_subclass's reason, or an optimizer without
+    kernels), if anything.
 
     None picks Triton for plain parameters on one CUDA device when triton imports, the torch path
-    otherwise (CPU, several devices, tensor subclasses, no triton).
+    otherwise (CPU, several devices, tensor subclasses, no triton, an optimizer without kernels).
     """
     if not devices:
         return requested or "torch"
     if requested == "triton":
         reason = triton_unavailable_reason(devices)
-        if reason is None and subclass is not None:
-            reason = (f"{subclass}; the kernels take plain tensors and DTensors only (other "
-                      "tensor subclasses step on backend='torch')")
+        if reason is None:
+            reason = obstacle
         if reason:
             raise RuntimeError(f"backend='triton' cannot run: {reason}")
         return "triton"
-    if requested is None and subclass is None and all(d.type == "cuda" for d in devices) \
+    if requested is None and obstacle is None and all(d.type == "cuda" for d in devices) \
             and triton_unavailable_reason(devices) is None:
         return "triton"
     unsupported = sorted({d.type for d in devices} - set(_TORCH_FUSED_DEVICE_TYPES))

@@ -56,7 +56,7 @@ CAPTURE_ERROR = (
     "will use (opt.zero_grad(set_to_none=False) keeps their storage), then capture.")
 
 
-def _to_device(values, device: torch.device) -> torch.Tensor:
+def to_device(values, device: torch.device) -> torch.Tensor:
     """One host-to-device copy of int64 values; from pinned memory on CUDA, so the host does not
     wait (torch's caching host allocator keeps the buffer until the copy is done). Refused during
     CUDA graph capture (CAPTURE_ERROR)."""
@@ -90,7 +90,7 @@ class DeviceInts:
         """Whether the device copy changed."""
         changed = values != self._key
         if changed:
-            self.tensor = _to_device(values, self.device)
+            self.tensor = to_device(values, self.device)
         self._key = values
         return changed
 
@@ -108,7 +108,7 @@ class LaunchTable:
     def __init__(self, device: torch.device, dtype: torch.dtype, block_size: int,
                  rows: list[list[int]], numels: list[int]):
         self.device, self.dtype, self.block_size = device, dtype, block_size
-        self.rows = _to_device(rows, device)
+        self.rows = to_device(rows, device)
         self.row_width = len(rows[0])
         self.grads = None
         counts = (torch.tensor(numels, dtype=torch.int64) + block_size - 1) // block_size
@@ -116,8 +116,8 @@ class LaunchTable:
         first_block = torch.cumsum(counts, 0) - counts
         index_in_tensor = torch.arange(len(tensor_of_block)) - first_block[tensor_of_block]
         self.n_blocks = len(tensor_of_block)
-        self.block_tensor = _to_device(tensor_of_block.to(torch.int32), device)
-        self.block_index = _to_device(index_in_tensor.to(torch.int32), device)
+        self.block_tensor = to_device(tensor_of_block.to(torch.int32), device)
+        self.block_index = to_device(index_in_tensor.to(torch.int32), device)
         self.grid = 1
 
 

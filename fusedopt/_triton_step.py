@@ -207,6 +207,7 @@ class StepPlan:
         self.interpret = device.type == "cpu"
         self.entries = []
         self.static, self.static_ptrs = [], []
+        self.snapshots = []  # the plan's own scratch (kernels/update.py's SNAP column)
         owners = []  # (param group, index among its params with a grad) of each static
         launches: dict[torch.dtype, _DtypeLaunches] = {}
         for gi, (group, params) in enumerate(zip(opt.param_groups, gathered)):
@@ -233,15 +234,25 @@ class StepPlan:
                 idx, rows, norm_rows, numels = by_dtype.setdefault(p.dtype, ([], [], [], []))
                 idx.append(i)
                 numels.append(numel)
-                rows.append([local(t).data_ptr() for t in tensors + scalars] + [numel] + ints)
+                # kernels/update.py's columns: p, s0, s1, s2, step (0: none), numel, first,
+                # scalar state (0: none), its snapshot slot (set below)
+                rows.append([local(t).data_ptr() for t in tensors]
+                            + [scalars[0].data_ptr() if scalars else 0, numel] + ints
+                            + [scalars[1].data_ptr() if len(scalars) > 1 else 0, 0])
                 # a tensor another rank counts (replicated over a reduced mesh dim): its blocks
                 # still run (Adam's counter advances) but read nothing, as if of 0 elements
-                norm_rows.append([numel if counts else 0] + [t.data_ptr() for t in scalars])
+                norm_rows.append([numel if counts else 0] + [t.data_ptr() for t in scalars]
+                                 + ([0] if len(scalars) > 1 else []))
                 for t in dict.fromkeys(tensors + scalars, None):  # p twice when it stands in
                     self.static.append(t)  # the DTensor itself, not its shard: re-read each step
                     owners.append((gi, i))
             at += len(params)
             for dtype, (idx, rows, norm_rows, numels) in by_dtype.items():
+                if len(norm_rows[0]) > 3:  # a scalar state: one fp32 snapshot slot per row
+                    snapshots = torch.empty(len(rows), dtype=torch.float32, device=device)
+                    self.snapshots.append(snapshots)
+                    for j, (row, norm_row) in enumerate(zip(rows, norm_rows)):
+                        row[-1] = norm_row[-1] = snapshots.data_ptr() + 4 * j
                 launch = launches.setdefault(dtype, _DtypeLaunches(device, dtype))
                 launch.add(gi, _picker(idx, len(params)), rows, norm_rows, numels)
             self.entries.append(entry)
@@ -340,7 +351,7 @@ class StepPlan:
             launch.flat_ptrs = ptrs
             if clipping or opt._HAS_STEP or clip.detect:
                 norm_pass_(launch.norm, clip, slot, launch.dtype, opt.max_grad_value, opt._HAS_STEP,
-                           launch.norm.grid, cfg.num_warps)
+                           opt._SCALAR_STATE is not None, launch.norm.grid, cfg.num_warps)
         if fallback_grads:
             # copies: the torch path unscales and clamps in place, and .grad stays as it was
             fallback_grads = [[g.clone() for g in gs] for gs in fallback_grads]

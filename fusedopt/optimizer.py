@@ -67,8 +67,11 @@ def host_float(value) -> float:
     return float(value) if isinstance(value, torch.Tensor) else value
 
 
-def class_doc(summary: str, update_math: str, args: str, name: str, state_note: str = "") -> str:
-    """A class docstring: summary, the math block (clip lines first), Args, differences from torch."""
+def class_doc(summary: str, update_math: str, args: str, name: str, state_note: str = "",
+              reference: str | None = None) -> str:
+    """A class docstring: summary, the math block (clip lines first), Args, differences from the
+    reference (torch.optim.<name> unless ``reference`` names another)."""
+    reference = reference or f"torch.optim.{name}"
     return rf"""{summary}
 
     .. math::
@@ -101,7 +104,7 @@ def class_doc(summary: str, update_math: str, args: str, name: str, state_note: 
             keywords in its state_dict). DTensor parameters (FSDP2, HSDP, tensor parallel) need
             none: their placements say it.
 
-    Differences from torch.optim.{name}:
+    Differences from {reference}:
         clipping happens inside ``step``, over every param with a grad in every group, and
         ``grad_norm`` holds the pre-clip total norm (a 0-dim tensor on the params' device, None
         until a step with ``max_grad_norm`` set). ``step_skipped`` is the last step's skip flag (a
@@ -161,8 +164,15 @@ class ClippedStep:
         # decided at step(), once they are materialized
         params = [p for g in self.param_groups for p in g["params"]]
         choose_backend(self.backend, {p.device for p in params if p.device.type != "meta"},
-                       first_subclass(params))
+                       self._kernel_obstacle(params))
         self._track_state()
+
+    # Why this optimizer has no Triton path (a sentence), or None: its step then always takes
+    # the torch path, and backend="triton" is refused with this reason.
+    _NO_KERNELS: str | None = None
+
+    def _kernel_obstacle(self, params) -> str | None:
+        return self._NO_KERNELS or first_subclass(params)
 
     def _track_state(self) -> None:
         """opt.state as a TrackedState (fusedopt/_state.py), which the Triton path's plan trusts;
@@ -268,7 +278,8 @@ class ClippedStep:
             gathered = self._gather()
             params = [p for ps in gathered for p in ps]
             devices = {p.device for p in params}
-            if devices and choose_backend(self.backend, devices, first_subclass(params)) == "triton":
+            if devices and choose_backend(self.backend, devices,
+                                          self._kernel_obstacle(params)) == "triton":
                 from fusedopt._triton_step import step_triton
                 self.step_skipped = step_triton(self, gathered, guard, next(iter(devices)))
             else:

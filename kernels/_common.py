@@ -62,17 +62,27 @@ def triton_dtype(dtype: torch.dtype):
     return _TRITON_DTYPES[dtype]
 
 
-def jit_rule(fn):
-    """``triton.jit`` of a fusedopt/rules.py function.
+def _jit_rules():
+    """fusedopt/rules.py's functions as ``triton.jit`` twins: name -> JITFunction.
 
-    rules.py imports no Triton; the interpreter wants ``triton.language`` among the function's
-    globals, so the jitted function is a twin whose globals add ``tl`` (same code object, so the
-    compiled path reads the same source).
+    rules.py calls its ``tl`` functions through fusedopt/_torch_lang.py; each twin has the same
+    code object with globals where ``tl`` is triton.language and every other rule (one_minus_pow)
+    is its twin, so that nested calls resolve inside the kernel. One shared scope: a twin defined
+    later is seen by those defined before.
     """
-    scope = dict(fn.__globals__, tl=tl)
-    twin = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
-    twin.__module__, twin.__qualname__, twin.__doc__ = fn.__module__, fn.__qualname__, fn.__doc__
-    return triton.jit(twin)
+    from fusedopt import rules
+    scope = dict(vars(rules), tl=tl)
+    out = {}
+    for name, fn in vars(rules).items():
+        if isinstance(fn, types.FunctionType) and fn.__module__ == rules.__name__:
+            twin = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__,
+                                      fn.__closure__)
+            twin.__module__, twin.__qualname__, twin.__doc__ = fn.__module__, fn.__qualname__, fn.__doc__
+            out[name] = scope[name] = triton.jit(twin)
+    return out
+
+
+RULES = _jit_rules()
 
 
 @triton.jit
@@ -188,29 +198,3 @@ def launch_scalars(partials_ptr, n_partials, out_ptr, write_out, max_norm, found
     if LR_FROM_PTR:
         lr = tl.load(lr_ptr).to(tl.float32)
     return coef, skip, inv_scale, lr
-
-
-def launch_update(kernel, table, clip, grid, lr, scalars, num_warps, **flags):
-    """Launch an update kernel: the arguments every update kernel takes (tables, partials, the
-    [norm, skip flag] output, lr, AMP inv-scale, GradScaler's found_inf), then ``scalars`` (its
-    own hyperparameters, in its argument order) and the clip bounds, with its own constexpr
-    ``flags`` beside the shared ones.
-
-    ``lr`` is a float or a 1-element fp32 tensor on the device (read through a pointer: no sync,
-    no recompile). ``clip`` is fusedopt._triton_step.KernelClip; only its first launch of a step
-    stores the norm and the flag. Pointers a variant never reads get ``clip.out`` as a stand-in.
-    The block size is the table's, the partial count the clip's (LaunchConfig).
-    """
-    lr_is_tensor = not isinstance(lr, float)
-    kernel[(grid,)](
-        table.rows, table.grads, table.block_tensor, table.block_index, clip.partials,
-        clip.out, lr if lr_is_tensor else clip.out,
-        clip.out if clip.inv_scale is None else clip.inv_scale,
-        clip.out if clip.found_in is None else clip.found_in, table.n_blocks, clip.n_partials,
-        int(clip.write_out), 0.0 if lr_is_tensor else lr,
-        *(float(x) for x in scalars), clip.max_norm, clip.max_value,
-        DTYPE=triton_dtype(table.dtype), NORM=clip.norm, VALUE_CLIP=clip.value_clip,
-        UNSCALE=clip.inv_scale is not None, FOUND_IN=clip.found_in is not None,
-        DETECT=clip.detect, LR_FROM_PTR=lr_is_tensor, BLOCK=table.block_size,
-        NUM_PARTIALS=clip.num_partials, num_warps=num_warps, enable_fp_fusion=FP_FUSION, **flags)
-    clip.write_out = False

@@ -15,7 +15,8 @@ from fusedopt.kernels._common import FP_FUSION, clamp_value, max_nan_reduce, tri
 
 @triton.jit(do_not_specialize=["n_blocks"])
 def _norm_kernel(
-    table_ptr,         # int64 [n_tensors, ROW]: numel, [step address]
+    table_ptr,         # int64 [n_tensors, ROW]: numel, [step address, [scalar state and snapshot
+                       #   addresses]]
     grad_ptrs_ptr,     # int64 [n_tensors]: grad addresses
     block_tensor_ptr,  # int32 [n_blocks]: the tensor of each block
     block_index_ptr,   # int32 [n_blocks]: the block's index inside its tensor
@@ -31,6 +32,8 @@ def _norm_kernel(
     UNSCALE: tl.constexpr,     # multiply by 1 / scale first
     DETECT: tl.constexpr,      # write the inf/NaN partials
     HAS_STEP: tl.constexpr,    # column 1 holds an fp32 step counter to advance (Adam)
+    SNAPSHOT: tl.constexpr,    # copy the fp32 scalar state (column 2) to its snapshot (column 3)
+                               # for the update pass to read (kernels/update.py, SCALAR_STATE)
     BLOCK: tl.constexpr,
     NUM_PARTIALS: tl.constexpr,
 ):
@@ -49,6 +52,9 @@ def _norm_kernel(
             if start == 0:  # one program per tensor advances its counter, before any update reads it
                 step_ptr = tl.load(row + 1).to(tl.pointer_type(tl.float32))
                 tl.store(step_ptr, tl.load(step_ptr) + 1.0)
+                if SNAPSHOT:
+                    x_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
+                    tl.store(tl.load(row + 3).to(tl.pointer_type(tl.float32)), tl.load(x_ptr))
         if NORM != 0 or DETECT:
             n = tl.load(row)
             g_ptr = tl.multiple_of(tl.load(grad_ptrs_ptr + t).to(tl.pointer_type(DTYPE)), 16)
@@ -82,7 +88,7 @@ def _norm_kernel(
                      mask=slots >= grid)
 
 
-def norm_pass_(table, clip, slot, dtype, max_value, has_step, grid, num_warps):
+def norm_pass_(table, clip, slot, dtype, max_value, has_step, snapshot, grid, num_warps):
     """Launch the norm pass over ``table`` (a fusedopt._multi_tensor.LaunchTable with columns
     numel[, step] and the grads) into dtype group ``slot`` of ``clip``'s partials
     (fusedopt._triton_step.KernelClip) with ``grid`` <= ``clip.num_partials`` programs; the grid
@@ -95,5 +101,5 @@ def norm_pass_(table, clip, slot, dtype, max_value, has_step, grid, num_warps):
         table.n_blocks, 0.0 if max_value is None else max_value,
         DTYPE=triton_dtype(dtype), ROW=table.row_width, NORM=clip.norm,
         VALUE_CLIP=max_value is not None, UNSCALE=clip.inv_scale is not None, DETECT=clip.detect,
-        HAS_STEP=has_step, BLOCK=table.block_size, NUM_PARTIALS=width, num_warps=num_warps,
+        HAS_STEP=has_step, SNAPSHOT=snapshot, BLOCK=table.block_size, NUM_PARTIALS=width, num_warps=num_warps,
         enable_fp_fusion=FP_FUSION)

@@ -72,10 +72,9 @@ class LaunchCounter:
 
 def wrap_kernels(monkeypatch, counts, around=None):
     """Put a LaunchCounter around each of fusedopt's kernels."""
-    import fusedopt.kernels.adam as adam
     import fusedopt.kernels.norm as norm
-    import fusedopt.kernels.sgd as sgd
-    for module, attr in ((norm, "_norm_kernel"), (sgd, "_sgd_kernel"), (adam, "_adam_kernel")):
+    import fusedopt.kernels.update as update
+    for module, attr in ((norm, "_norm_kernel"), (update, "_update_kernel")):
         monkeypatch.setattr(module, attr, LaunchCounter(getattr(module, attr), counts, attr, around))
 
 

@@ -1,13 +1,15 @@
 """A float64 reference step built from fusedopt.rules, one tensor at a time.
 
-It proves that rules.py (the math the Triton kernels share) is torch.optim's math, and later serves
-as the fp64 oracle for low-precision error bounds. Deliberately plain and slow.
+It proves that rules.py (the math the Triton kernels share) and each class's declaration of its
+hyperparameters, flags and state (fusedopt/_elementwise.py) are torch.optim's math, and serves as
+the fp64 oracle for low-precision error bounds. Deliberately plain and slow.
 """
 import math
 
 import torch
 
-from fusedopt.rules import adam_moments_rule, adam_param_rule, sgd_rule
+import fusedopt
+from fusedopt import rules
 
 
 def clipped_grads(grads, max_grad_norm=None, norm_type=2.0, max_grad_value=None):
@@ -26,42 +28,41 @@ def clipped_grads(grads, max_grad_norm=None, norm_type=2.0, max_grad_value=None)
 
 
 def reference_step(kind, params, state, hp, clip):
-    """One step of ``kind`` ("SGD", "Adam", "AdamW") on ``params`` in place; ``state`` is a dict."""
+    """One step of fusedopt.<kind> (its rule and declaration, in float64) on ``params`` in place;
+    ``state`` is a dict kept between calls."""
+    decl = getattr(fusedopt, kind)([torch.zeros(1, dtype=torch.float64)], **hp)
+    group = decl.param_groups[0]
+    rule = getattr(rules, decl._RULE)
+    step_rule = getattr(rules, decl._STEP_RULE) if decl._STEP_RULE else None
+    hyper = list(map(float, decl._hyper(group))) + [0.0] * (8 - len(decl._hyper(group)))
+    flags = list(decl._flags(group)) + [False] * (3 - len(decl._flags(group)))
+    columns = decl._columns(group)
+    lr = float(group["lr"])
     with_grad = [p for p in params if p.grad is not None]
     grads = clipped_grads([p.grad for p in with_grad], **clip)
     for p, g in zip(with_grad, grads):
         st = state.setdefault(p, {})
         x = p.detach().double()
+        first = 0
         if kind == "SGD":
-            momentum = hp.get("momentum", 0.0)
-            first = "momentum_buffer" not in st
-            buf = torch.zeros_like(x) if first else st["momentum_buffer"]
-            dampening = 0.0 if first or momentum == 0 else hp.get("dampening", 0.0)
-            x, buf = sgd_rule(x, g, buf, hp["lr"], momentum, 1.0 - dampening,
-                              hp.get("weight_decay", 0.0),
-                              hp.get("nesterov", False), hp.get("maximize", False))
-            if momentum != 0:
-                st["momentum_buffer"] = buf
-        else:
-            decoupled = kind == "AdamW" or hp.get("decoupled_weight_decay", False)
-            beta1, beta2 = hp.get("betas", (0.9, 0.999))
-            wd = hp.get("weight_decay", 0.01 if kind == "AdamW" else 0.0)
-            lr = hp["lr"]
-            if not st:
-                st.update(step=0, exp_avg=torch.zeros_like(x), exp_avg_sq=torch.zeros_like(x),
-                          max_exp_avg_sq=torch.zeros_like(x))
-            st["step"] += 1
-            t = st["step"]
-            m, v = adam_moments_rule(x, g, st["exp_avg"], st["exp_avg_sq"], beta2, 1.0 - beta1,
-                                     1.0 - beta2, 0.0 if decoupled else wd,
-                                     hp.get("maximize", False))
-            if hp.get("amsgrad", False):
-                v_hat = torch.maximum(st["max_exp_avg_sq"], v)
-                st["max_exp_avg_sq"] = v_hat
-            else:
-                v_hat = v
-            root = v_hat.sqrt()
-            x = adam_param_rule(x, m, root, 1.0 - lr * wd if decoupled else 1.0,
-                                lr / (1 - beta1 ** t), math.sqrt(1 - beta2 ** t), hp.get("eps", 1e-8))
-            st["exp_avg"], st["exp_avg_sq"] = m, v
+            first = int("momentum_buffer" not in st)
+            st.setdefault("momentum_buffer", torch.zeros_like(x))
+        elif not st:
+            decl._init_state(group, x, st)
+            st["step"] = torch.zeros((), dtype=torch.float64)
+            if decl._SCALAR_STATE:  # fp32, as torch keeps it
+                st[decl._SCALAR_STATE] = st[decl._SCALAR_STATE].float()
+        values = [st[key] if columns >> i & 1 else 0.0 for i, key in enumerate(decl._STATE)]
+        c = (0.0,) * 4
+        if decl._HAS_STEP:
+            st["step"] = st["step"] + 1
+            if step_rule is not None:
+                scalar = st[decl._SCALAR_STATE].double() if decl._SCALAR_STATE else 0.0
+                c = step_rule(st["step"], scalar, lr, *hyper)
+                if decl._SCALAR_STATE:
+                    st[decl._SCALAR_STATE] = c[3].float()
+        x, *new = rule(x, g, *values, *c, first, lr, *hyper, *flags)
+        for i, key in enumerate(decl._STATE):
+            if columns >> i & 1:
+                st[key] = new[i]
         p.data.copy_(x)

@@ -98,7 +98,7 @@ def test_capture_refuses_a_table_refresh_it_could_not_replay(monkeypatch):
     from fusedopt import _multi_tensor
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     with pytest.raises(RuntimeError, match="warmup steps"):
-        _multi_tensor._to_device([1, 2, 3], torch.device("cuda"))
+        _multi_tensor.to_device([1, 2, 3], torch.device("cuda"))
 
 
 def _train_step(model, opt, scaler, x, y):

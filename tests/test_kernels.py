@@ -6,6 +6,7 @@ as after zero_grad(set_to_none=True)), 7 steps, two param groups, one param miss
 steps 2 and 4 and one never having a grad.
 """
 import copy
+import math
 
 import pytest
 import torch
@@ -13,8 +14,8 @@ import triton
 import triton.language as tl
 
 import fusedopt
-from fusedopt.kernels._common import FP_FUSION
-from fusedopt.kernels.adam import _bias_corrections, _ln
+from fusedopt._elementwise import ln
+from fusedopt.kernels._common import FP_FUSION, RULES
 from conftest import DEVICE, assert_close, low_precision_bound
 from recipe import CLIPS, STEPS
 from recipe import OUR_CLASSES as CLASSES
@@ -194,10 +195,10 @@ def test_tensors_the_kernels_cannot_take_use_the_torch_path(name):
 
 @pytest.mark.parametrize("n_tensors", [3, 300])
 @pytest.mark.parametrize("name,clip,expected", [
-    ("SGD", {}, {"_sgd_kernel": 1}),
-    ("SGD", dict(max_grad_norm=1.0), {"_norm_kernel": 1, "_sgd_kernel": 1}),
-    ("Adam", {}, {"_norm_kernel": 1, "_adam_kernel": 1}),  # the norm pass advances the steps
-    ("AdamW", dict(max_grad_norm=1.0, max_grad_value=0.1), {"_norm_kernel": 1, "_adam_kernel": 1}),
+    ("SGD", {}, {"_update_kernel": 1}),
+    ("SGD", dict(max_grad_norm=1.0), {"_norm_kernel": 1, "_update_kernel": 1}),
+    ("Adam", {}, {"_norm_kernel": 1, "_update_kernel": 1}),  # the norm pass advances the steps
+    ("AdamW", dict(max_grad_norm=1.0, max_grad_value=0.1), {"_norm_kernel": 1, "_update_kernel": 1}),
 ])
 def test_launches_per_step_do_not_grow_with_tensor_count(launches, name, clip, expected, n_tensors):
     params = params_on([(17,)] * n_tensors, torch.float32)
@@ -220,7 +221,7 @@ def test_two_dtype_groups_take_two_launches_each_and_share_one_norm(launches):
         p.grad, q.grad = g.to(p.dtype), g.to(p.dtype)
     opt.step()
     ref.step()
-    assert launches == {"_norm_kernel": 2, "_adam_kernel": 2}
+    assert launches == {"_norm_kernel": 2, "_update_kernel": 2}
     # the torch path on CPU takes bf16 norms as clip_grad_norm_ does, rounded to bf16 (2**-9)
     assert_close(opt.grad_norm, ref.grad_norm, rtol=2.0 ** -8 if DEVICE == "cpu" else 1e-5)
 
@@ -262,14 +263,14 @@ def test_static_grads_with_zero_grad_set_to_none_false():
 
 def test_hyperparameters_are_runtime_values_not_constexpr():
     """Changing lr, betas, eps, weight decay or the clip bounds must never recompile: none of
-    them, and no size, is a tl.constexpr, and sizes are not specialized on."""
-    from fusedopt.kernels.adam import _adam_kernel
+    them, and no size, is a tl.constexpr, and sizes are not specialized on; the update kernel's
+    constexprs are the rule, its flags and the shared switches only."""
     from fusedopt.kernels.norm import _norm_kernel
-    from fusedopt.kernels.sgd import _sgd_kernel
-    allowed = {"DTYPE", "NORM", "VALUE_CLIP", "HAS_MOMENTUM", "NESTEROV", "MAXIMIZE", "LR_FROM_PTR",
-               "BLOCK", "NUM_PARTIALS", "AMSGRAD", "DECOUPLED", "ROW", "HAS_STEP", "UNSCALE", "FOUND_IN",
-               "DETECT"}
-    for kernel in (_norm_kernel, _sgd_kernel, _adam_kernel):
+    from fusedopt.kernels.update import _update_kernel
+    allowed = {"DTYPE", "NORM", "VALUE_CLIP", "LR_FROM_PTR", "BLOCK", "NUM_PARTIALS", "ROW",
+               "HAS_STEP", "UNSCALE", "FOUND_IN", "DETECT", "RULE", "STEP_RULE", "STATES",
+               "STEP_SCALARS", "SCALAR_STATE", "SNAPSHOT", "F0", "F1", "F2"}
+    for kernel in (_norm_kernel, _update_kernel):
         fn = getattr(kernel, "fn", kernel)
         names = fn.__code__.co_varnames[:fn.__code__.co_argcount]
         constexprs = {n for n in names if fn.__annotations__.get(n) is not None
@@ -277,8 +278,7 @@ def test_hyperparameters_are_runtime_values_not_constexpr():
         assert constexprs <= allowed, constexprs - allowed
         runtime = set(names) - constexprs
         assert {"n_blocks"} <= runtime
-        assert not {"lr", "beta1", "beta2", "eps", "weight_decay", "momentum", "max_norm",
-                    "max_value"} & constexprs
+        assert not {"lr", "hyper_ptr", "max_norm", "max_value"} & constexprs
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU: host syncs exist only there")
@@ -335,26 +335,33 @@ def test_cached_tables_follow_every_change(name):
         assert_close(tri.grad_norm, ref.grad_norm)
 
 
+_adam_step = RULES["adam_step"]  # a global JITFunction: what a compiled kernel may call
+
+
 @triton.jit
-def _bias_corrections_probe(steps_ptr, out_ptr, ln_beta1, ln_beta2, N: tl.constexpr):
+def _adam_step_probe(steps_ptr, out_ptr, ln_beta1, ln_beta2, N: tl.constexpr):
     offs = tl.arange(0, N)
-    bc1, bc2 = _bias_corrections(tl.load(steps_ptr + offs), ln_beta1, ln_beta2)
-    tl.store(out_ptr + offs, bc1)
-    tl.store(out_ptr + N + offs, bc2)
+    t = tl.load(steps_ptr + offs).to(tl.float64)
+    step_size, bc2_sqrt, _, _ = _adam_step(t, 0.0, 1.0, 0.0, 0.0, 0.0, ln_beta1, ln_beta2, 0.0, 0.0,
+                                           0.0)
+    tl.store(out_ptr + offs, step_size)
+    tl.store(out_ptr + N + offs, bc2_sqrt)
 
 
-def test_adam_bias_corrections_to_fp32_rounding():
-    """1 - beta ** step as the kernel forms it, against float64, across the betas people use
-    (0 included) and steps from 1 to 10**6: within 8 fp32 ulps of the exact value (4 would do
-    under the interpreter; a GPU's approximate exp adds up to ~6 past step * ln(beta) = -0.5), where
-    1 - exp2(step * log2(beta)) in fp32 was 6e-5 off at beta 0.999, step 1."""
+def test_adam_step_scalars_match_float64():
+    """Adam's step scalars (lr / (1 - beta1 ** t), sqrt(1 - beta2 ** t)) as the kernel forms them
+    (in float64, from the fp32 step count) against torch's host float64, across the betas people
+    use (0 included) and steps from 1 to 10**6: within 1e-12 relative, where 1 - exp2(step *
+    log2(beta)) in fp32 was 6e-5 off at beta 0.999, step 1."""
     steps = torch.tensor([1, 2, 3, 7, 10, 100, 500, 693, 1000, 4000, 10 ** 4, 10 ** 6, 1, 1, 1, 1],
                          dtype=torch.float32, device=DEVICE)
     for beta1, beta2 in ((0.9, 0.999), (0.5, 0.9999), (0.0, 0.95), (0.99, 0.98)):
-        out = torch.empty(2 * len(steps), dtype=torch.float32, device=DEVICE)
-        _bias_corrections_probe[(1,)](steps, out, _ln(beta1), _ln(beta2), N=len(steps),
-                                      enable_fp_fusion=FP_FUSION)
-        for i, beta in enumerate((beta1, beta2)):
-            exact = torch.tensor([1 - beta ** float(t) for t in steps.tolist()], dtype=torch.float64)
-            got = out[i * len(steps):(i + 1) * len(steps)].double().cpu()
-            assert torch.all((got - exact).abs() <= 8 * 2.0 ** -24 * exact.abs()), (beta, got, exact)
+        out = torch.empty(2 * len(steps), dtype=torch.float64, device=DEVICE)
+        _adam_step_probe[(1,)](steps, out, ln(beta1), ln(beta2), N=len(steps),
+                               enable_fp_fusion=FP_FUSION)
+        ts = [float(t) for t in steps.tolist()]
+        for i, exact in enumerate(([1 / (1 - beta1 ** t) for t in ts],
+                                   [math.sqrt(1 - beta2 ** t) for t in ts])):
+            exact = torch.tensor(exact, dtype=torch.float64)
+            got = out[i * len(steps):(i + 1) * len(steps)].cpu()
+            assert torch.allclose(got, exact, rtol=1e-12, atol=0), (beta1, beta2, got, exact)

@@ -216,12 +216,11 @@ def test_every_launch_pins_fp_fusion(monkeypatch):
     from 3.10) never decides, and triton 3.9 has nothing to warn about. The warning comes from
     triton's compile step, once per process: under the interpreter it never fires either way, so
     there the launch keywords are the test; on a GPU the step below also must not warn."""
-    import fusedopt.kernels.adam as adam
     import fusedopt.kernels.norm as norm
-    import fusedopt.kernels.sgd as sgd
+    import fusedopt.kernels.update as update
     assert _common.FP_FUSION is True
     seen = []
-    for module, attr in ((norm, "_norm_kernel"), (sgd, "_sgd_kernel"), (adam, "_adam_kernel")):
+    for module, attr in ((norm, "_norm_kernel"), (update, "_update_kernel")):
         monkeypatch.setattr(module, attr, _LaunchRecorder(getattr(module, attr), attr, seen))
     warn_once = getattr(getattr(triton, "_utils", None), "warn_once", None)
     if hasattr(warn_once, "cache_clear"):  # triton 3.9 warns once per process: let it warn again
@@ -234,7 +233,7 @@ def test_every_launch_pins_fp_fusion(monkeypatch):
             for p in params:
                 p.grad = torch.randn_like(p)
             opt.step()
-    assert {name for name, _ in seen} == {"_norm_kernel", "_sgd_kernel", "_adam_kernel"}
+    assert {name for name, _ in seen} == {"_norm_kernel", "_update_kernel"}
     assert all(value is True for _, value in seen), seen
     assert not [w for w in caught if "FP_FUSION" in str(w.message)]
 

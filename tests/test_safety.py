@@ -367,15 +367,15 @@ def test_every_launch_and_table_copy_runs_under_the_device_guard(monkeypatch):
         entered.pop()
 
     outside = []
-    real_to_device = mt._to_device
+    real_to_device = mt.to_device
     monkeypatch.setattr(ts, "device_guard", recording_guard)
-    monkeypatch.setattr(mt, "_to_device", lambda *a: (outside.append(not entered), real_to_device(*a))[1])
+    monkeypatch.setattr(mt, "to_device", lambda *a: (outside.append(not entered), real_to_device(*a))[1])
     counts = {}
     wrap_kernels(monkeypatch, counts, around=lambda: _assert_entered(entered))
     sides = Sides("AdamW", groups=lambda ps: [dict(params=ps[:2]), dict(params=ps[2:], lr=0.02)])
     for step in range(3):
         sides.step(step)
-    assert counts["_adam_kernel"] == 6 and counts["_norm_kernel"] == 3
+    assert counts["_update_kernel"] == 6 and counts["_norm_kernel"] == 3
     assert outside and not any(outside)
 
 
@@ -508,8 +508,8 @@ def test_raise_names_the_first_nonfinite_grad_as_the_torch_path(where, bad):
 def test_steady_state_reuses_the_plan_and_copies_only_grad_addresses(monkeypatch):
     import fusedopt._multi_tensor as mt
     copies = []
-    real = mt._to_device
-    monkeypatch.setattr(mt, "_to_device", lambda values, device: (copies.append(len(values)), real(values, device))[1])
+    real = mt.to_device
+    monkeypatch.setattr(mt, "to_device", lambda values, device: (copies.append(len(values)), real(values, device))[1])
     params = params_on([(33,)] * 7)
     opt = fusedopt.AdamW(params, lr=0.01, max_grad_norm=1.0, backend="triton")
     for step in range(2):  # step 1 makes the state, step 2 the plan that lasts

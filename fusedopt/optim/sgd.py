@@ -1,12 +1,14 @@
-"""SGD: the class and its torch path. Math: rules.sgd_rule. Kernel twin: kernels/sgd.py."""
+"""SGD: the class and its torch path. Math: rules.sgd_rule; kernel: the shared update
+(kernels/update.py)."""
 import torch
 from torch.optim.sgd import sgd as torch_sgd  # the functional SGD behind torch.optim.SGD
 
 from fusedopt._distributed import local, wrap_like
+from fusedopt._elementwise import ElementwiseStep
 from fusedopt._grouping import pick
 from fusedopt.nonfinite import keep_where
-from fusedopt.optimizer import (ClippedStep, class_doc, compute_dtype, host_float, kernel_lr,
-                                scalar_on, split_for_fused_op)
+from fusedopt.optimizer import (class_doc, compute_dtype, host_float, scalar_on,
+                                split_for_fused_op)
 from fusedopt.rules import sgd_rule
 
 
@@ -88,10 +90,10 @@ def sgd_rule_(p, g, buf, *, lr, momentum, dampening, weight_decay, nesterov, max
         g_acc = g_acc / grad_scale
         g.copy_(g_acc)
     first = momentum != 0 and buf is None
-    new_p, new_buf = sgd_rule(p.to(acc), g_acc,
-                              torch.zeros_like(g_acc) if first or momentum == 0 else buf.to(acc),
-                              lr, momentum, 1.0 if first or momentum == 0 else 1.0 - dampening,
-                              weight_decay, nesterov, maximize)
+    new_p, new_buf, _, _ = sgd_rule(p.to(acc), g_acc, 0.0 if buf is None else buf.to(acc), 0.0,
+                                    0.0, 0.0, 0.0, 0.0, 0.0, int(first), lr, momentum,
+                                    1.0 - dampening, weight_decay, 0.0, 0.0, 0.0, 0.0, 0.0,
+                                    momentum != 0, nesterov, maximize)
     p.copy_(keep_where(found_inf, p, new_p))
     if momentum == 0:
         return None
@@ -101,7 +103,7 @@ def sgd_rule_(p, g, buf, *, lr, momentum, dampening, weight_decay, nesterov, max
     return buf
 
 
-class SGD(ClippedStep, torch.optim.SGD):
+class SGD(ElementwiseStep, torch.optim.SGD):
     __doc__ = class_doc(
         "SGD with momentum (optionally Nesterov), as ``torch.optim.SGD``, with clipping in ``step``.",
         r"""            & g \leftarrow -g \text{ if maximize}; \quad g \leftarrow g + \lambda \theta \\
@@ -125,28 +127,29 @@ class SGD(ClippedStep, torch.optim.SGD):
                          foreach=foreach, differentiable=differentiable, fused=fused)
         self._after_torch_init()
 
-    # Triton backend: table row = p, buf addresses | numel | first-step flag (kernels/sgd.py)
+    # the declaration (fusedopt/_elementwise.py); its torch path is _update_ below
+    _RULE = "sgd_rule"
+    _STATE = ("momentum_buffer", None, None)
     _HAS_STEP = False
 
-    def _row_flags(self, group):
-        return group["momentum"] != 0
+    def _columns(self, group):
+        return int(group["momentum"] != 0)
+
+    def _flags(self, group):
+        return group["momentum"] != 0, group["nesterov"], group["maximize"]
+
+    def _hyper(self, group):
+        return group["momentum"], 1.0 - group["dampening"], host_float(group["weight_decay"])
 
     def _kernel_row(self, group, p):
-        """(element tensors, scalar tensors, ints) of p's row; creates the buffer on its first step."""
+        """p's row; makes the buffer on its first step, flagged so that the kernel sets b = g."""
         if group["momentum"] == 0:
-            return [p, p], [], [0]  # the buffer column is never read
+            return [p] * 4, [], [0]  # the buffer column is never read
         state = self.state[p]
         first = state.get("momentum_buffer") is None  # None: what torch <= 2.0 saved before one
         if first:
             state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
-        return [p, state["momentum_buffer"]], [], [int(first)]
-
-    def _launch_update_(self, group, table, clip, grid, num_warps):
-        from fusedopt.kernels.sgd import sgd_triton_
-        sgd_triton_(table, clip, lr=kernel_lr(group["lr"], table.device), momentum=group["momentum"],
-                    dampening=group["dampening"], weight_decay=host_float(group["weight_decay"]),
-                    nesterov=group["nesterov"], maximize=group["maximize"], grid=grid,
-                    num_warps=num_warps)
+        return [p, state["momentum_buffer"], p, p], [], [int(first)]
 
     def _update_(self, group, params, grads, grad_scale, device, found_inf=None):
         momentum = group["momentum"]

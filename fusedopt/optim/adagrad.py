@@ -1,0 +1,43 @@
+"""Adagrad, as torch.optim.Adagrad (dense gradients). Math: rules.adagrad_rule, rules.adagrad_step."""
+import torch
+
+from fusedopt._elementwise import ElementwiseStep, new_state_like, new_step
+from fusedopt.optimizer import class_doc, host_float
+
+_MATH = r"""            & g \leftarrow -g \text{ if maximize}; \quad g \leftarrow g + \lambda\theta; \quad
+              \tilde\gamma \leftarrow \gamma / (1 + (t - 1)\eta) \\
+            & s \leftarrow s + g^2; \quad
+              \theta \leftarrow \theta - \tilde\gamma \, g / (\sqrt{s} + \epsilon)"""
+
+
+class Adagrad(ElementwiseStep, torch.optim.Adagrad):
+    __doc__ = class_doc(
+        "Adagrad, as ``torch.optim.Adagrad``, with gradient clipping inside ``step``.", _MATH,
+        """        params, lr (default 1e-2), lr_decay (0), weight_decay (0), initial_accumulator_value (0),
+        eps (1e-10), foreach, maximize, differentiable, fused: as ``torch.optim.Adagrad``, with
+            the same defaults and the same errors for bad values; ``lr`` may be a Tensor.
+            ``foreach`` and ``fused`` change nothing here; ``differentiable=True`` raises
+            NotImplementedError. Sparse gradients are refused (torch's sparse Adagrad stays the
+            tool for them).""",
+        "Adagrad", "\n        ``state['step']`` is an fp32 tensor on the param's device.")
+
+    _RULE, _STEP_RULE = "adagrad_rule", "adagrad_step"
+    _STATE = ("sum", None, None)
+
+    def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0,
+                 eps=1e-10, foreach=None, *, maximize=False, differentiable=False, fused=None,
+                 max_grad_norm=None, norm_type=2.0, max_grad_value=None, nonfinite="propagate",
+                 backend=None, norm_group=None):
+        self._init_clip(max_grad_norm, norm_type, max_grad_value, nonfinite, backend, norm_group)
+        super().__init__(params, lr, lr_decay, weight_decay, initial_accumulator_value, eps,
+                         foreach, maximize=maximize, differentiable=differentiable, fused=fused)
+        self._after_torch_init()
+
+    def _hyper(self, group):
+        return (group["lr_decay"], group["eps"], host_float(group["weight_decay"]))
+
+    def _init_state(self, group, p, state):
+        # torch makes it in __init__ (step on the CPU, sum full of initial_accumulator_value);
+        # this makes it for params added later, or after a state was cleared
+        state["step"] = new_step(p)
+        state["sum"] = new_state_like(p, group["initial_accumulator_value"])

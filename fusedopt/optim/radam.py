@@ -1,0 +1,56 @@
+"""RAdam, as torch.optim.RAdam. Math: rules.radam_rule, rules.radam_step."""
+import torch
+
+from fusedopt._elementwise import ElementwiseStep, ln, new_state_like, new_step
+from fusedopt.optimizer import class_doc, host_float
+
+_MATH = r"""            & g \leftarrow -g \text{ if maximize}; \quad
+              g \leftarrow g + \lambda\theta \text{, or } \theta \leftarrow \theta(1 - \gamma\lambda)
+              \text{ if decoupled} \\
+            & m \leftarrow \beta_1 m + (1 - \beta_1) g; \quad
+              v \leftarrow \beta_2 v + (1 - \beta_2) g^2; \quad
+              \rho_t \leftarrow \rho_\infty - 2 t \beta_2^t / (1 - \beta_2^t) \\
+            & \theta \leftarrow \theta - \frac{\gamma}{1 - \beta_1^t} m \cdot
+              r_t \sqrt{1 - \beta_2^t} / (\sqrt{v} + \epsilon) \text{ if } \rho_t > 5
+              \text{, else } \theta - \frac{\gamma}{1 - \beta_1^t} m"""
+
+
+class RAdam(ElementwiseStep, torch.optim.RAdam):
+    __doc__ = class_doc(
+        "RAdam (rectified Adam), as ``torch.optim.RAdam``, with gradient clipping inside "
+        "``step``.", _MATH,
+        """        params, lr (default 1e-3), betas ((0.9, 0.999)), eps (1e-8), weight_decay (0),
+        decoupled_weight_decay (False), foreach, maximize, capturable, differentiable: as
+            ``torch.optim.RAdam``, with the same defaults and the same errors for bad values;
+            ``lr`` may be a Tensor. ``foreach`` and ``capturable`` change nothing here (the step
+            never syncs); ``differentiable=True`` raises NotImplementedError. The step scalars
+            (rho_t, the rectification) are formed in float64 on the device, as torch forms
+            them on the host.""",
+        "RAdam", "\n        ``state['step']`` is an fp32 tensor on the param's device.")
+
+    _RULE, _STEP_RULE = "radam_rule", "radam_step"
+    _STATE = ("exp_avg", "exp_avg_sq", None)
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
+                 decoupled_weight_decay=False, *, foreach=None, maximize=False, capturable=False,
+                 differentiable=False,
+                 max_grad_norm=None, norm_type=2.0, max_grad_value=None, nonfinite="propagate",
+                 backend=None, norm_group=None):
+        self._init_clip(max_grad_norm, norm_type, max_grad_value, nonfinite, backend, norm_group)
+        super().__init__(params, lr, betas, eps, weight_decay, decoupled_weight_decay,
+                         foreach=foreach, maximize=maximize, capturable=capturable,
+                         differentiable=differentiable)
+        self._after_torch_init()
+
+    def _flags(self, group):
+        return group["decoupled_weight_decay"], group["maximize"]
+
+    def _hyper(self, group):
+        beta1, beta2 = map(host_float, group["betas"])
+        return (1.0 - beta1, beta2, 1.0 - beta2, ln(beta1), ln(beta2), group["eps"],
+                host_float(group["weight_decay"]))
+
+    def _init_state(self, group, p, state):
+        state["step"] = new_step(p)
+        state["exp_avg"] = new_state_like(p)
+        state["exp_avg_sq"] = new_state_like(p)

@@ -1,0 +1,57 @@
+"""RMSprop, as torch.optim.RMSprop (centered, momentum). Math: rules.rmsprop_rule."""
+import torch
+
+from fusedopt._elementwise import ElementwiseStep, new_state_like, new_step
+from fusedopt.optimizer import class_doc, host_float
+
+_MATH = r"""            & g \leftarrow -g \text{ if maximize}; \quad g \leftarrow g + \lambda\theta; \quad
+              v \leftarrow \alpha v + (1 - \alpha) g^2 \\
+            & \bar g \leftarrow \bar g + (1 - \alpha)(g - \bar g); \quad
+              a \leftarrow \sqrt{v - \bar g^2} + \epsilon \text{ if centered, else }
+              \sqrt{v} + \epsilon \\
+            & b \leftarrow \mu b + g / a; \quad \theta \leftarrow \theta - \gamma b
+              \text{ if momentum, else } \theta \leftarrow \theta - \gamma g / a"""
+
+
+class RMSprop(ElementwiseStep, torch.optim.RMSprop):
+    __doc__ = class_doc(
+        "RMSprop, as ``torch.optim.RMSprop``, with gradient clipping inside ``step``.", _MATH,
+        """        params, lr (default 1e-2), alpha (0.99), eps (1e-8), weight_decay (0), momentum (0),
+        centered (False), capturable, foreach, maximize, differentiable: as
+            ``torch.optim.RMSprop``, with the same defaults and the same errors for bad values;
+            ``lr`` may be a Tensor. ``capturable`` and ``foreach`` change nothing here (the step
+            never syncs); ``differentiable=True`` raises NotImplementedError.""",
+        "RMSprop", "\n        ``state['step']`` is an fp32 tensor on the param's device.")
+
+    _RULE = "rmsprop_rule"
+    _STATE = ("square_avg", "momentum_buffer", "grad_avg")
+
+    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0,
+                 centered=False, capturable=False, foreach=None, maximize=False,
+                 differentiable=False, *,
+                 max_grad_norm=None, norm_type=2.0, max_grad_value=None, nonfinite="propagate",
+                 backend=None, norm_group=None):
+        self._init_clip(max_grad_norm, norm_type, max_grad_value, nonfinite, backend, norm_group)
+        super().__init__(params, lr, alpha, eps, weight_decay, momentum, centered, capturable,
+                         foreach, maximize, differentiable)
+        self._after_torch_init()
+
+    def _columns(self, group):
+        return 1 | (2 if group["momentum"] > 0 else 0) | (4 if group["centered"] else 0)
+
+    def _flags(self, group):
+        return group["centered"], group["momentum"] > 0, group["maximize"]
+
+    def _hyper(self, group):
+        alpha = group["alpha"]
+        return (alpha, 1.0 - alpha, group["eps"], host_float(group["weight_decay"]),
+                group["momentum"])
+
+    def _init_state(self, group, p, state):
+        if not state:
+            state["step"] = new_step(p)
+            state["square_avg"] = new_state_like(p)
+        if group["momentum"] > 0 and "momentum_buffer" not in state:
+            state["momentum_buffer"] = new_state_like(p)
+        if group["centered"] and "grad_avg" not in state:
+            state["grad_avg"] = new_state_like(p)
