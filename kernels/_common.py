@@ -2,8 +2,8 @@
 unmasked loads, the clip coefficient formed on the device from the norm partials, the rounding of
 every stored value (round_to) and the launch options (FP_FUSION).
 
-Used by kernels/norm.py, kernels/sgd.py and kernels/adam.py; the host side of the tables these
-read is fusedopt/_multi_tensor.py.
+Used by kernels/norm.py and kernels/update.py; the host side of the tables these read is
+fusedopt/_multi_tensor.py.
 
 The kernels inline their table reads and loads rather than calling small helpers: the interpreter
 re-patches triton.language on every nested @triton.jit call (0.15-0.25 ms each in a

@@ -130,7 +130,7 @@ def test_nonfinite_grad_propagates_like_torch(name):
 def test_low_precision_torch_path(name, dtype):
     """bf16/fp16 params and state: 7 clipped steps off the fp32 torch recipe by at most twice what
     the closer of torch's for-loop and fused optimizers in that dtype is off (+1 ulp). This is the
-    check that caught torch 2.13's fused CPU SGD in bf16/fp16 (see fusedopt/sgd.py)."""
+    check that caught torch 2.13's fused CPU SGD in bf16/fp16 (see fusedopt/optim/sgd.py)."""
     from conftest import low_precision_bound
     kwargs = dict(lr=0.1, momentum=0.9) if name == "SGD" else dict(lr=0.01, weight_decay=0.1)
     # A norm bound of 100 over grads of norm ~67 measures and does not clip: full-size updates
