@@ -121,14 +121,20 @@ class ElementwiseStep(ClippedStep):
 
 def hyper_buffer(table, values) -> torch.Tensor:
     """The param group's h0..h7 as a float64 tensor on the table's device, copied there only
-    when a value changed since the last step (a scheduler moving betas or weight decay)."""
+    when a value changed since the last step (a scheduler moving betas or weight decay). The
+    copy goes into the same buffer, so a CUDA graph captured earlier reads the new values at its
+    next replay; a change during capture is refused (_multi_tensor.CAPTURE_ERROR)."""
     key = _pad((float(v) for v in values), N_HYPER, 0.0)
     cached = getattr(table, "hyper", None)
     if cached is None or cached[0] != key:
         from fusedopt._multi_tensor import to_device
-        host = torch.tensor(key, dtype=torch.float64)
-        cached = table.hyper = (key, to_device(host, table.device))
-    return cached[1]
+        fresh = to_device(torch.tensor(key, dtype=torch.float64), table.device)
+        if cached is None:
+            table.hyper = (key, fresh)
+        else:
+            cached[1].copy_(fresh)
+            table.hyper = (key, cached[1])
+    return table.hyper[1]
 
 
 def rule_torch_(opt, group, params, grads, columns, steps, firsts, lr, grad_scale=None,
