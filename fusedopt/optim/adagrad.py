@@ -38,6 +38,7 @@ class Adagrad(ElementwiseStep, torch.optim.Adagrad):
 
     def _init_state(self, group, p, state):
         # torch makes it in __init__ (step on the CPU, sum full of initial_accumulator_value);
-        # this makes it for params added later, or after a state was cleared
+        # this makes it for params added later, or after a state was cleared, from the
+        # constructor's value as torch's _init_group does: a group's own value is ignored there
         state["step"] = new_step(p)
-        state["sum"] = new_state_like(p, group["initial_accumulator_value"])
+        state["sum"] = new_state_like(p, self.defaults["initial_accumulator_value"])
