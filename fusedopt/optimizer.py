@@ -139,8 +139,11 @@ class ClippedStep:
     """Mixed in before a torch.optim class: clip settings, input checks and ``step``.
 
     Subclasses call ``_init_clip`` before the torch constructor and ``_after_torch_init`` after it,
-    and implement ``_update_(group, params, grads, clip, device, dtype)`` for one (device, dtype)
-    group of one param group.
+    and implement ``_update_(group, params, grads, grad_scale, device, found_inf)`` for one
+    (device, dtype) group of one param group: ``grads`` are local and value-clamped,
+    ``grad_scale`` (0-dim or None) divides them (the clip and AMP's unscale) and is written back,
+    ``found_inf`` (0-dim 0/1 or None) skips the update on the device. Elementwise optimizers get
+    all of it, and the Triton rows and launch, from fusedopt/_elementwise.ElementwiseStep.
     """
 
     def _init_clip(self, max_grad_norm, norm_type, max_grad_value, nonfinite, backend,
