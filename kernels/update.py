@@ -99,16 +99,18 @@ def _update_kernel(
     coef, skip, inv_scale, lr = launch_scalars(
         partials_ptr, n_partials, out_ptr, write_out, max_norm, found_ptr, inv_scale_ptr, lr_ptr,
         lr, NORM, FOUND_IN, DETECT, UNSCALE, LR_FROM_PTR, NUM_PARTIALS)
-    d0 = tl.load(hyper_ptr)
-    d1 = tl.load(hyper_ptr + 1)
-    d2 = tl.load(hyper_ptr + 2)
-    d3 = tl.load(hyper_ptr + 3)
-    d4 = tl.load(hyper_ptr + 4)
-    d5 = tl.load(hyper_ptr + 5)
-    d6 = tl.load(hyper_ptr + 6)
-    d7 = tl.load(hyper_ptr + 7)
-    h0, h1, h2, h3 = d0.to(tl.float32), d1.to(tl.float32), d2.to(tl.float32), d3.to(tl.float32)
-    h4, h5, h6, h7 = d4.to(tl.float32), d5.to(tl.float32), d6.to(tl.float32), d7.to(tl.float32)
+    # fp32 copies for the rule, live across the block loop; the float64 values only feed
+    # STEP_RULE and are re-read per block (8 loads of one cached line): kept live instead, their
+    # 16 registers made the fp32 AdamW update with every flag spill on sm_90 (72 registers + an
+    # 8-byte stack frame, triton 3.9) and fp16 AMSGrad on sm_80/90 under triton 3.6
+    h0 = tl.load(hyper_ptr).to(tl.float32)
+    h1 = tl.load(hyper_ptr + 1).to(tl.float32)
+    h2 = tl.load(hyper_ptr + 2).to(tl.float32)
+    h3 = tl.load(hyper_ptr + 3).to(tl.float32)
+    h4 = tl.load(hyper_ptr + 4).to(tl.float32)
+    h5 = tl.load(hyper_ptr + 5).to(tl.float32)
+    h6 = tl.load(hyper_ptr + 6).to(tl.float32)
+    h7 = tl.load(hyper_ptr + 7).to(tl.float32)
     for b in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
         t = tl.load(block_tensor_ptr + b).to(tl.int64)
         row = table_ptr + t * ROW
@@ -145,8 +147,11 @@ def _update_kernel(
                 x = 0.0
                 if SCALAR_STATE:
                     x = tl.load(tl.load(row + SNAP).to(tl.pointer_type(tl.float32))).to(tl.float64)
-                e0, e1, e2, e3 = STEP_RULE(step.to(tl.float64), x, tl.cast(lr, tl.float64), d0, d1,
-                                           d2, d3, d4, d5, d6, d7)
+                e0, e1, e2, e3 = STEP_RULE(
+                    step.to(tl.float64), x, tl.cast(lr, tl.float64), tl.load(hyper_ptr),
+                    tl.load(hyper_ptr + 1), tl.load(hyper_ptr + 2), tl.load(hyper_ptr + 3),
+                    tl.load(hyper_ptr + 4), tl.load(hyper_ptr + 5), tl.load(hyper_ptr + 6),
+                    tl.load(hyper_ptr + 7))
                 c0, c1 = tl.cast(e0, tl.float32), tl.cast(e1, tl.float32)
                 c2, c3 = tl.cast(e2, tl.float32), tl.cast(e3, tl.float32)
                 if SCALAR_STATE:
