@@ -78,9 +78,8 @@ def choose_backend(requested: str | None, devices: set[torch.device],
     if not devices:
         return requested or "torch"
     if requested == "triton":
-        reason = triton_unavailable_reason(devices)
-        if reason is None:
-            reason = obstacle
+        # the optimizer's or the parameters' own reason first: moving to CUDA would not help
+        reason = obstacle or triton_unavailable_reason(devices)
         if reason:
             raise RuntimeError(f"backend='triton' cannot run: {reason}")
         return "triton"

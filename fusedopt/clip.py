@@ -77,14 +77,24 @@ def _large_cpu_norm(g: torch.Tensor, norm_type: float) -> torch.Tensor:
     return squares.sqrt().float()
 
 
-def _norms(grads: list[torch.Tensor], norm_type: float, dtype: torch.dtype) -> list[torch.Tensor]:
-    """Per-tensor norms of one (device, dtype) group, accumulated in fp32 (fp64 for fp64)."""
+def group_norms(grads: list[torch.Tensor], norm_type: float,
+                dtype: torch.dtype) -> list[torch.Tensor]:
+    """Each tensor's norm, in order, for non-empty tensors of one (device, dtype): accumulated in
+    fp32 (fp64 for fp64), as clip_grad_norm_ rounds it (bf16 norms in bf16 on CPU), large fp32
+    CPU tensors through _large_cpu_norm. Also the per-tensor norms LAMB's trust ratios and
+    Adafactor's RMS take (a trust ratio carries a norm's error whole)."""
+    out = [None] * len(grads)
     if grads[0].device.type == "cpu" and dtype == torch.float32:
-        large = [g for g in grads if g.numel() >= _LARGE]
-        grads = [g for g in grads if g.numel() < _LARGE]
-        norms = [_large_cpu_norm(g, norm_type) for g in large]
+        small = []
+        for i, g in enumerate(grads):
+            if g.numel() >= _LARGE:
+                out[i] = _large_cpu_norm(g, norm_type)
+            else:
+                small.append(i)
     else:
-        norms = []
+        small = list(range(len(grads)))
+    grads = [grads[i] for i in small]
+    norms = []
     if grads:
         if grads[0].device.type == "cpu" and (dtype == torch.bfloat16 or (
                 dtype == torch.float16 and norm_type == math.inf)):
@@ -97,16 +107,18 @@ def _norms(grads: list[torch.Tensor], norm_type: float, dtype: torch.dtype) -> l
             norms.extend(n.float() for n in torch._foreach_norm(grads, norm_type))
         else:
             norms.extend(torch._foreach_norm(grads, norm_type, dtype=accumulation_dtype(dtype)))
-    return norms
+    for i, n in zip(small, norms):
+        out[i] = n
+    return out
 
 
 def _tensor_norms(grads: list[torch.Tensor], norm_type: float) -> list[torch.Tensor]:
-    """Each non-empty grad's norm, one foreach launch per (device, dtype) (_norms); empty
+    """Each non-empty grad's norm, one foreach launch per (device, dtype) (group_norms); empty
     tensors add nothing (torch's inf-norm of an empty tensor raises)."""
     grads = [g for g in grads if g.numel() > 0]
     norms = []
     for (_, dtype), idx in group_by_device_dtype(grads).items():
-        norms.extend(_norms(pick(grads, idx), norm_type, dtype))
+        norms.extend(group_norms(pick(grads, idx), norm_type, dtype))
     return norms
 
 

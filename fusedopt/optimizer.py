@@ -67,11 +67,29 @@ def host_float(value) -> float:
     return float(value) if isinstance(value, torch.Tensor) else value
 
 
+_BACKEND_DOC = {
+    True: """``"torch"``, ``"triton"`` or None: Triton for parameters on one
+            CUDA device when triton imports, else torch (fusedopt/_dispatch.py).""",
+    False: """``"torch"`` or None; this optimizer has no Triton kernel (the
+            class docstring says why): it steps on the torch path on every device, and
+            ``"triton"`` is refused with the reason.""",
+}
+_GRAD_DOC = {
+    True: """The Triton backend never writes
+        ``.grad``: after ``step`` it holds the unclipped gradient. The torch backend leaves the
+        clipped gradient there, as ``clip_grad_value_``/``clip_grad_norm_`` do.""",
+    False: """After ``step``, ``.grad`` holds the
+        clipped gradient, as after ``clip_grad_value_``/``clip_grad_norm_``.""",
+}
+
+
 def class_doc(summary: str, update_math: str, args: str, name: str, state_note: str = "",
-              reference: str | None = None) -> str:
+              reference: str | None = None, kernels: bool = True) -> str:
     """A class docstring: summary, the math block (clip lines first), Args, differences from the
-    reference (torch.optim.<name> unless ``reference`` names another)."""
+    reference (torch.optim.<name> unless ``reference`` names another). ``kernels``: whether the
+    class has a Triton path (ClippedStep._NO_KERNELS unset)."""
     reference = reference or f"torch.optim.{name}"
+    backend_doc, grad_doc = _BACKEND_DOC[kernels], _GRAD_DOC[kernels]
     return rf"""{summary}
 
     .. math::
@@ -95,8 +113,7 @@ def class_doc(summary: str, update_math: str, args: str, name: str, state_note: 
             sync: parameters, state and step counters stay as they were; ``step_skipped`` says
             whether it happened) or ``"raise"`` (the same, then FloatingPointError; this one
             syncs). Under a GradScaler, the scaler's own skip applies instead.
-        backend (str, optional): ``"torch"``, ``"triton"`` or None: Triton for parameters on one
-            CUDA device when triton imports, else torch (fusedopt/_dispatch.py).
+        backend (str, optional): {backend_doc}
         norm_group (ProcessGroup or "world", optional): declares that the parameters are
             disjoint shards across this group (ZeRO's partitions, FSDP1's flat shards), so the
             clip's norm is summed over it with one all-reduce per step; "world" is the default
@@ -111,9 +128,7 @@ def class_doc(summary: str, update_math: str, args: str, name: str, state_note: 
         0-dim fp32 tensor on the device, 1.0 when skipped) when it could skip (a GradScaler, or
         ``nonfinite`` other than "propagate"), else None. Sharded, both are global: the same on
         every rank (``grad_norm`` is a plain tensor where ``clip_grad_norm_`` on DTensors returns
-        a replicated DTensor of the same value).{state_note} The Triton backend never writes
-        ``.grad``: after ``step`` it holds the unclipped gradient. The torch backend leaves the
-        clipped gradient there, as ``clip_grad_value_``/``clip_grad_norm_`` do.
+        a replicated DTensor of the same value).{state_note} {grad_doc}
     """
 
 

@@ -75,7 +75,7 @@ def adafactor_torch_(params, grads, states, *, lr, beta2_decay, eps1, eps2, d, w
     rho = 1.0 / t.sqrt()  # min(lr, 1 / t ** 0.5)
     rho = torch.minimum(rho, lr64) if isinstance(lr64, torch.Tensor) else rho.clamp_(max=lr64)
     # ||p||, before the weight decay: one foreach launch (clip.py: accurate for large CPU tensors)
-    p_norm = torch.stack(_clip._norms([params[i] for i in order], 2.0, params[0].dtype)).double()
+    p_norm = torch.stack(_clip.group_norms([params[i] for i in order], 2.0, params[0].dtype)).double()
     decay = None
     if weight_decay != 0:  # torch: param.mul_(1 - lr * weight_decay)
         decay = 1 - lr64 * weight_decay
@@ -121,7 +121,7 @@ def adafactor_torch_(params, grads, states, *, lr, beta2_decay, eps1, eps2, d, w
             del g2
         update = var.clamp_(min=eps1 * eps1).rsqrt_().mul_(g)  # g / max(sqrt(var), eps1)
         del var, g
-        u_norm = torch.stack(_clip._norms(list(update.unbind(0)), 2.0, acc)).double()
+        u_norm = torch.stack(_clip.group_norms(list(update.unbind(0)), 2.0, acc)).double()
         # alpha = max(eps2, RMS(p)) * rho; the update is alpha * U / max(1, RMS(U) / d)
         alpha = (p_norm[here] / math.sqrt(numel)).clamp_(min=eps2) * rho[here]
         denom = (u_norm / (math.sqrt(numel) * d)).clamp_(min=1.0)
@@ -193,7 +193,7 @@ class Adafactor(ClippedStep, torch.optim.Adafactor):
             elements a stack) and each bigger tensor stepped alone, which bounds the temporaries
             as torch's for-loop does. There is no Triton kernel yet: ``backend="triton"`` raises,
             None takes the torch path on every device (see Cost below).""",
-        "Adafactor", _STATE_NOTE).rstrip(" ") + _COST
+        "Adafactor", _STATE_NOTE, kernels=False).rstrip(" ") + _COST
 
     _NO_KERNELS = ("Adafactor has no Triton kernel yet: its factored second moment needs row and "
                    "column reductions of each gradient (and RMS(U) needs one of the update) "

@@ -14,20 +14,10 @@ from fusedopt.optimizer import ClippedStep, class_doc, compute_dtype, host_float
 
 
 def _norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Each tensor's L2 norm, 0-dim in its dtype (fp32 or fp64), in order. One foreach launch;
-    large fp32 CPU tensors go through clip.py's fp64-summed path (torch's CPU _foreach_norm was
-    2.7e-3 off on 38.6M elements and 7.8e-5 on 4M, and a trust ratio carries that error whole)."""
-    out = [None] * len(tensors)
-    small = []
-    for i, t in enumerate(tensors):
-        if t.device.type == "cpu" and t.dtype == torch.float32 and t.numel() >= _clip._LARGE:
-            out[i] = _clip._large_cpu_norm(t, 2.0)
-        else:
-            small.append(i)
-    if small:
-        for i, n in zip(small, torch._foreach_norm([tensors[i] for i in small])):
-            out[i] = n
-    return out
+    """Each tensor's L2 norm, 0-dim, in order (clip.group_norms: large fp32 CPU tensors summed in
+    fp64; torch's CPU _foreach_norm was 2.7e-3 off on 38.6M elements and 7.8e-5 on 4M, and a
+    trust ratio carries that error whole)."""
+    return _clip.group_norms(tensors, 2.0, tensors[0].dtype)
 
 
 def _as(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
@@ -230,7 +220,8 @@ class LAMB(ClippedStep, torch.optim.Optimizer):
     __doc__ = class_doc(
         "LAMB (layer-wise adaptive moments), as NVIDIA Apex's FusedLAMB computes it, with "
         "gradient clipping inside ``step``.", _MATH, _ARGS, "LAMB",
-        _DIFFERENCES, reference="NVIDIA Apex's FusedLAMB (torch.optim has no LAMB)") + _COST
+        _DIFFERENCES, reference="NVIDIA Apex's FusedLAMB (torch.optim has no LAMB)",
+        kernels=False) + _COST
 
     _NO_KERNELS = ("LAMB's per-tensor trust ratios need each tensor's norms of p and of the "
                    "update between the moment update and the parameter write, which the one-pass "
