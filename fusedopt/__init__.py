@@ -4,8 +4,9 @@
 followed by ``torch.optim.AdamW(params, ...).step()``. Importing fusedopt imports no Triton.
 """
 from fusedopt.amp import GradScaler
-from fusedopt.optim import SGD, Adagrad, Adam, Adamax, AdamW, Lion, NAdam, RAdam, RMSprop
+from fusedopt.optim import (LAMB, SGD, Adafactor, Adagrad, Adam, Adamax, AdamW, Lion, NAdam,
+                            RAdam, RMSprop)
 
 __all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "NAdam", "RAdam", "Adamax", "Lion",
-           "GradScaler"]
+           "LAMB", "Adafactor", "GradScaler"]
 __version__ = "0.1.0"
