@@ -4,9 +4,9 @@
 followed by ``torch.optim.AdamW(params, ...).step()``. Importing fusedopt imports no Triton.
 """
 from fusedopt.amp import GradScaler
-from fusedopt.optim import (LAMB, SGD, Adafactor, Adagrad, Adam, Adamax, AdamW, Lion, NAdam,
-                            RAdam, RMSprop)
+from fusedopt.optim import (LAMB, SGD, Adafactor, Adagrad, Adam, Adamax, AdamW, Lion, Muon,
+                            NAdam, RAdam, RMSprop)
 
 __all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "NAdam", "RAdam", "Adamax", "Lion",
-           "LAMB", "Adafactor", "GradScaler"]
+           "LAMB", "Adafactor", "Muon", "GradScaler"]
 __version__ = "0.1.0"

@@ -141,7 +141,7 @@ class Muon(ClippedStep, torch.optim.Muon):
             there (also in ``add_param_group``, where torch checks nothing); DTensor parameters
             are refused (Newton-Schulz needs each whole matrix, and fusedopt steps local
             shards).""",
-        "Muon") + """
+        "Muon", kernels=False) + """
     How the step runs, per (device, dtype) of a param group (always the torch path): the clip's
     division of the grads, the momentum lerp and the decay are one foreach op each over all
     matrices; for each shape (tall ones transposed to wide, so (768, 3072) and (3072, 768) are
