@@ -266,6 +266,23 @@ BAD = {"lr": dict(lr=-1.0), "lr-tensor": dict(lr=T([0.1, 0.2])),
        "eps2": dict(eps=(None, -1.0)), "d": dict(d=0.5), "weight_decay": dict(weight_decay=-0.1)}
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_weight_decay_is_torchs_factor(dtype):
+    """A zero gradient leaves only the decay p * (1 - lr * wd): bit for bit torch's. torch 2.13's
+    CPU _foreach_mul_(bf16 list, float) rounds the float to bf16 first (0.99 -> 0.98828125); a
+    float decay through it moved 1823 of 4096 bf16 elements off torch's Adafactor."""
+    p0 = make_params([(64, 64), (33,)], dtype)
+    ours, theirs = clone_params(p0), clone_params(p0)
+    opt = Adafactor(ours, lr=0.1, weight_decay=0.1)
+    ref = torch.optim.Adafactor(theirs, lr=0.1, weight_decay=0.1)
+    for a, b in zip(ours, theirs):
+        a.grad, b.grad = torch.zeros_like(a), torch.zeros_like(b)
+    opt.step()
+    ref.step()
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("key", list(BAD))
 def test_constructor_errors_are_torchs(key):
     params = make_params([(3, 4)], torch.float32)

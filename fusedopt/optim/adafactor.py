@@ -79,12 +79,14 @@ def adafactor_torch_(params, grads, states, *, lr, beta2_decay, eps1, eps2, d, w
     decay = None
     if weight_decay != 0:  # torch: param.mul_(1 - lr * weight_decay)
         decay = 1 - lr64 * weight_decay
+        # always a 0-dim tensor: torch 2.13's CPU _foreach_mul_(bf16 list, float) rounds the float
+        # to bf16 first (0.998 -> 0.99609375, twice the decay), where torch's param.mul_(float)
+        # and the Tensor overload do not; 1823 of 4096 bf16 elements differed from torch's
+        if not isinstance(decay, torch.Tensor):
+            decay = torch.full((), decay, dtype=torch.float64, device=device)
         if skip is not None:
-            if not isinstance(decay, torch.Tensor):
-                decay = torch.full((), decay, dtype=torch.float64, device=device)
             decay = torch.where(skip, 1.0, decay)
-        if isinstance(decay, torch.Tensor):
-            decay = decay.to(acc)
+        decay = decay.to(acc)
     end = 0
     for idx in chunks:
         here = slice(end, end + len(idx))
