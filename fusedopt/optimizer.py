@@ -224,10 +224,16 @@ class ClippedStep:
                 raise TypeError(
                     f"fusedopt.{name}: parameter {i} of the new group (shape {tuple(p.shape)}) has "
                     f"{kind} dtype {p.dtype}; only floating-point parameters are supported")
+            if isinstance(p, torch.Tensor):
+                self._check_new_param(i, p)
             if id(p) in seen:
                 raise ValueError(_duplicate_message(name, "the new group", seen[id(p)], i, p))
             seen[id(p)] = i
         super().add_param_group(param_group)
+
+    def _check_new_param(self, i: int, p: torch.Tensor) -> None:
+        """A class's own refusal of parameter ``i`` of a group being added (Muon's 2-D rule,
+        DTensors where whole-tensor reductions are needed), before the group is added."""
 
     def _gather(self) -> list[list[torch.Tensor]]:
         """Per param group, the params that have a grad; every check runs before anything is written.

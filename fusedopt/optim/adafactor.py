@@ -211,22 +211,13 @@ class Adafactor(ClippedStep, torch.optim.Adafactor):
                          maximize=maximize)
         self._after_torch_init()
 
-    def add_param_group(self, param_group: dict) -> None:
-        params = param_group["params"]
-        if isinstance(params, torch.Tensor):
-            params = [params]
-        elif not isinstance(params, set):  # torch raises its own TypeError for a set
-            param_group = dict(param_group, params=list(params))  # a generator is read once
-            params = param_group["params"]
-        for i, p in enumerate(params):
-            p = p[1] if isinstance(p, tuple) else p  # named parameters: (name, tensor)
-            if is_dtensor(p):
-                raise NotImplementedError(
-                    f"fusedopt.Adafactor: parameter {i} of the new group (shape {tuple(p.shape)}) "
-                    "is a DTensor; fusedopt steps DTensors on their local shards, but Adafactor's "
-                    "row and column factors and RMS(param) are reductions over the whole tensor: "
-                    "use torch.optim.Adafactor for DTensor parameters")
-        super().add_param_group(param_group)
+    def _check_new_param(self, i, p):
+        if is_dtensor(p):
+            raise NotImplementedError(
+                f"fusedopt.Adafactor: parameter {i} of the new group (shape {tuple(p.shape)}) "
+                "is a DTensor; fusedopt steps DTensors on their local shards, but Adafactor's "
+                "row and column factors and RMS(param) are reductions over the whole tensor: "
+                "use torch.optim.Adafactor for DTensor parameters")
 
     def _state_for(self, p):
         """p's state, made as torch makes it on a first step (from the grad: ``row_var`` and

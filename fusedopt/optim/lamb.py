@@ -129,9 +129,10 @@ def lamb_torch_(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2
             torch._foreach_copy_(dst, new)
 
 
-def _check_whole(params, where: str) -> None:
-    """A trust ratio needs each parameter's whole norm; a sharded DTensor holds part of it."""
-    for i, p in enumerate(params):
+def _check_whole(params, where: str, first: int = 0) -> None:
+    """A trust ratio needs each parameter's whole norm; a sharded DTensor holds part of it.
+    ``first``: the index of ``params[0]`` in ``where``."""
+    for i, p in enumerate(params, first):
         if is_dtensor(p) and not all(pl.is_replicate() for pl in p.placements):
             raise NotImplementedError(
                 f"fusedopt.LAMB: parameter {i} of {where} (shape {tuple(p.shape)}) is a DTensor "
@@ -270,15 +271,8 @@ class LAMB(ClippedStep, torch.optim.Optimizer):
             state["step"] = step.to(device=p.device, dtype=torch.float32)
         return state
 
-    def add_param_group(self, param_group: dict) -> None:
-        params = param_group["params"]
-        if isinstance(params, torch.Tensor):
-            params = [params]
-        elif not isinstance(params, set):  # torch refuses a set itself
-            params = list(params)  # a generator is read once
-            param_group = dict(param_group, params=params)
-        _check_whole([p[1] if isinstance(p, tuple) else p for p in params], "the new group")
-        super().add_param_group(param_group)
+    def _check_new_param(self, i, p):
+        _check_whole([p], "the new group", first=i)
 
     def _gather(self):
         """ClippedStep's, refusing sharded DTensors before anything is written (a param may have

@@ -183,28 +183,17 @@ class Muon(ClippedStep, torch.optim.Muon):
                          ns_steps, adjust_lr_fn)
         self._after_torch_init()
 
-    def add_param_group(self, param_group: dict) -> None:
+    def _check_new_param(self, i, p):
         """torch's 2-D check, with its error, for every group (torch checks only the
         constructor's), and DTensors refused before the group is added."""
-        params = param_group["params"]
-        if isinstance(params, torch.Tensor):
-            params = [params]
-        elif not isinstance(params, set):  # a set: torch's own TypeError, raised by super()
-            param_group = dict(param_group, params=list(params))
-            params = param_group["params"]
-        for i, p in enumerate(() if isinstance(params, set) else params):
-            p = p[1] if isinstance(p, tuple) else p  # named parameters: (name, tensor)
-            if not isinstance(p, torch.Tensor):
-                continue  # torch's own TypeError, raised by super()
-            if is_dtensor(p):
-                raise NotImplementedError(
-                    f"fusedopt.Muon: parameter {i} of the new group (shape {tuple(p.shape)}) is "
-                    "a DTensor; Newton-Schulz needs each whole matrix and fusedopt steps local "
-                    "shards: use torch.optim.Muon for sharded matrices")
-            if p.ndim != 2:
-                raise ValueError("Muon only supports 2D parameters whereas we found a "
-                                 f"parameter with size: {p.size()}")
-        super().add_param_group(param_group)
+        if is_dtensor(p):
+            raise NotImplementedError(
+                f"fusedopt.Muon: parameter {i} of the new group (shape {tuple(p.shape)}) is "
+                "a DTensor; Newton-Schulz needs each whole matrix and fusedopt steps local "
+                "shards: use torch.optim.Muon for sharded matrices")
+        if p.ndim != 2:
+            raise ValueError("Muon only supports 2D parameters whereas we found a "
+                             f"parameter with size: {p.size()}")
 
     def _gather(self):
         """torch's Newton-Schulz checks for every group with a grad, before anything is written."""
