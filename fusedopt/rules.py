@@ -150,6 +150,21 @@ def adamax_rule(p, g, exp_avg, exp_inf, s2, clr, c1, c2, c3, first, lr, one_minu
     return p - clr * (exp_avg / exp_inf), exp_avg, exp_inf, s2
 
 
+def decay_and_moments(p, g, exp_avg, exp_avg_sq, lr, one_minus_beta1, beta2, one_minus_beta2,
+                      weight_decay, DECOUPLED, MAXIMIZE):
+    """The start RAdam and NAdam share with torch's: maximize, weight decay (decoupled on p, or
+    L2 into g), then Adam's moments. Returns (p, g, exp_avg, exp_avg_sq)."""
+    if MAXIMIZE:
+        g = -g
+    if DECOUPLED:
+        p = p * (1.0 - lr * weight_decay)
+    else:
+        g = g + weight_decay * p
+    exp_avg = exp_avg + one_minus_beta1 * (g - exp_avg)
+    exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * g * g
+    return p, g, exp_avg, exp_avg_sq
+
+
 # -- RAdam ----------------------------------------------------------------------------------------
 # s0 exp_avg, s1 exp_avg_sq; h 1 - beta1, beta2, 1 - beta2, ln beta1, ln beta2, eps, weight_decay;
 # F DECOUPLED, MAXIMIZE
@@ -173,14 +188,9 @@ def radam_rule(p, g, exp_avg, exp_avg_sq, s2, step_size, rect_bc2_sqrt, rectifie
                one_minus_beta1, beta2, one_minus_beta2, ln_beta1, ln_beta2, eps, weight_decay, h7,
                DECOUPLED, MAXIMIZE, F2):
     """torch.optim.RAdam: the adaptive step once rho_t > 5, plain momentum before."""
-    if MAXIMIZE:
-        g = -g
-    if DECOUPLED:
-        p = p * (1.0 - lr * weight_decay)
-    else:
-        g = g + weight_decay * p
-    exp_avg = exp_avg + one_minus_beta1 * (g - exp_avg)
-    exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * g * g
+    p, g, exp_avg, exp_avg_sq = decay_and_moments(p, g, exp_avg, exp_avg_sq, lr, one_minus_beta1,
+                                                  beta2, one_minus_beta2, weight_decay,
+                                                  DECOUPLED, MAXIMIZE)
     adaptive = rect_bc2_sqrt / (tl.sqrt(exp_avg_sq) + eps)
     d = tl.where(rectified != 0.0, step_size * exp_avg * adaptive, step_size * exp_avg)
     return p - d, exp_avg, exp_avg_sq, s2
@@ -226,14 +236,9 @@ def nadam_rule(p, g, exp_avg, exp_avg_sq, s2, grad_coef, avg_coef, bias_correcti
                lr, beta1, one_minus_beta1, beta2, one_minus_beta2, ln_beta2, eps, weight_decay,
                momentum_decay, DECOUPLED, MAXIMIZE, F2):
     """torch.optim.NAdam (Dozat 2016), momentum_decay schedule and all."""
-    if MAXIMIZE:
-        g = -g
-    if DECOUPLED:
-        p = p * (1.0 - lr * weight_decay)
-    else:
-        g = g + weight_decay * p
-    exp_avg = exp_avg + one_minus_beta1 * (g - exp_avg)
-    exp_avg_sq = beta2 * exp_avg_sq + one_minus_beta2 * g * g
+    p, g, exp_avg, exp_avg_sq = decay_and_moments(p, g, exp_avg, exp_avg_sq, lr, one_minus_beta1,
+                                                  beta2, one_minus_beta2, weight_decay,
+                                                  DECOUPLED, MAXIMIZE)
     denom = tl.sqrt(exp_avg_sq / bias_correction2) + eps
     p = p - grad_coef * (g / denom)
     p = p - avg_coef * (exp_avg / denom)
