@@ -43,6 +43,28 @@ class NoHostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+def steps_read_nothing(opt, params, coefs_for, scaler=None, mode=None, inf_at=None):
+    """Four training steps, a LinearLR scheduler on ``opt``, loss sum(p * c) with
+    ``coefs_for(step)``, the scaler's step when there is one; the steps after the first (which
+    makes the state) run under ``mode`` (a NoHostReads), and ``inf_at`` (index, element) puts an
+    inf in step 2's gradient. Fails on a host read; returns nothing."""
+    mode = mode or NoHostReads()
+    sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.5, total_iters=4)
+    for step in range(4):
+        coefs = coefs_for(step)
+        if step == 2 and inf_at is not None:
+            coefs[inf_at[0]][inf_at[1]] = math.inf
+        opt.zero_grad()
+        loss = sum((p * c).sum() for p, c in zip(params, coefs))
+        (scaler.scale(loss) if scaler else loss).backward()
+        with mode if step else contextlib.nullcontext():
+            scaler.step(opt) if scaler else opt.step()
+            if scaler:
+                scaler.update()
+        sched.step()
+    assert all(torch.isfinite(p).all() for p in params)  # the inf step was skipped
+
+
 def test_the_mode_catches_host_reads():
     with pytest.raises(AssertionError, match="item"), NoHostReads():
         torch.ones(()).item()
@@ -74,22 +96,10 @@ def test_step_reads_nothing_on_the_host(case, backend, monkeypatch):
     params = [torch.nn.Parameter(p.to(DEVICE)) for p in make_params(SHAPES, torch.float32)]
     kwargs = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
     opt = OUR_CLASSES[name](params, **kwargs, backend=backend)
-    sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.5, total_iters=4)
     scaler = scaler_cls(DEVICE, init_scale=1024.0) if scaler_cls else None
     can_skip = scaler is not None or kwargs.get("nonfinite") == "skip"
-    for step in range(4):
-        coefs = [c.to(DEVICE) for c in make_grads(params, step)]
-        if step == 2 and can_skip:
-            coefs[1][0] = math.inf
-        opt.zero_grad()
-        loss = sum((p * c).sum() for p, c in zip(params, coefs))
-        (scaler.scale(loss) if scaler else loss).backward()
-        with mode if step else contextlib.nullcontext():
-            scaler.step(opt) if scaler else opt.step()
-            if scaler:
-                scaler.update()
-        sched.step()
-    assert all(torch.isfinite(p).all() for p in params)  # the inf step was skipped
+    steps_read_nothing(opt, params, lambda step: [c.to(DEVICE) for c in make_grads(params, step)],
+                       scaler, mode, (1, 0) if can_skip else None)
 
 
 def test_capture_refuses_a_table_refresh_it_could_not_replay(monkeypatch):
