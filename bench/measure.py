@@ -1,4 +1,5 @@
-"""How bench/run.py measures: step time, host time, launches, copy bandwidth, and the machine.
+"""How bench/run.py measures: step time, host time, launches, bytes moved, copy bandwidth, and the
+machine.
 
 Each function answers one question about one step callable; run.py decides what to step.
 """
@@ -9,6 +10,8 @@ import sys
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 
 def time_steps(step, restore, warmup: int, steps: int, device: torch.device) -> list[float]:
@@ -77,6 +80,69 @@ def launches_per_step(step, restore, device: torch.device) -> dict | None:
             else:
                 kernels += 1
     return {"kernels": kernels, "copies": copies}
+
+
+class ByteCount(TorchDispatchMode):
+    """Bytes that the aten ops dispatched inside it read and write, over tensors of at least
+    ``min_numel`` elements (2: all but 0-dim scalars such as step counters and norms).
+
+    Per op: every tensor argument is read once (a kernel reading one tensor twice, addcmul_(g, g),
+    counts it once), except what the op only overwrites (copy_'s destination, out=); the
+    arguments its schema marks mutable, and new outputs, are written. Views and allocations
+    (empty_like) move nothing. torch's fused optimizers mark ``grads`` mutable but write them only
+    when given ``grad_scale`` (checked on CPU). This counts whole-tensor passes as the ops are
+    written; what a kernel keeps in cache, or a GPU in L2, is not seen."""
+
+    _WRITE_ONLY = {"copy_", "_foreach_copy_", "fill_", "zero_", "_foreach_zero_"}
+    _NO_DATA = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
+
+    def __init__(self, min_numel: int = 2):
+        super().__init__()
+        self.min_numel, self.bytes, self.ops = min_numel, 0, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func._opname
+        if func.is_view or name in self._NO_DATA or name in ("detach", "alias"):
+            return out
+        arguments = func._schema.arguments
+        values = list(args) + [kwargs.get(a.name) for a in arguments[len(args):]]
+        by_name = {a.name: v for a, v in zip(arguments, values)}
+        reads, writes, inputs = {}, {}, set()
+        for arg, value in zip(arguments, values):
+            tensors = [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
+            inputs.update(t.data_ptr() for t in tensors)
+            written = arg.alias_info is not None and arg.alias_info.is_write
+            if (written and arg.name == "grads" and name.startswith("_fused_")
+                    and by_name.get("grad_scale") is None):
+                written = False
+            only_written = written and (arg.name == "out" or
+                                        arg.name == "self" and name in self._WRITE_ONLY)
+            for t in tensors:
+                if t.numel() >= self.min_numel:
+                    if not only_written:
+                        reads[t.data_ptr()] = t.nbytes
+                    if written:
+                        writes[t.data_ptr()] = t.nbytes
+        for t in tree_leaves(out):
+            if (isinstance(t, torch.Tensor) and t.numel() >= self.min_numel
+                    and t.data_ptr() not in inputs):
+                writes[t.data_ptr()] = t.nbytes
+        moved = sum(reads.values()) + sum(writes.values())
+        if moved:
+            self.bytes += moved
+            self.ops.append(f"{func}: {moved} B")
+        return out
+
+
+def bytes_per_step(step, restore, min_numel: int = 2) -> int:
+    """Bytes one step moves, counted by ByteCount (run it after the timed steps: the state is then
+    made, and the count is of a steady-state step)."""
+    restore()
+    with ByteCount(min_numel) as count:
+        step()
+    return count.bytes
 
 
 def copy_bandwidth_gbs(device: torch.device, mbytes: int = 1024, repeats: int = 10) -> float:

@@ -30,18 +30,27 @@ def markdown(meta: dict, results: list[dict]) -> str:
         "# fusedopt step benchmark: clip + update, one whole optimizer step", "",
         f"- device: {meta['device']}",
         f"- torch {v['torch']}, triton {v['triton']}, CUDA {v['cuda']}, Python {v['python']}, "
-        f"fusedopt {meta['fusedopt']}",
+        f"fusedopt {meta['fusedopt']}" + (f" at {meta['commit']}" if meta.get("commit") else ""),
         f"- date: {meta['date']}; {meta['warmup']} warm-up + {meta['steps']} timed steps per row"
+        + "".join(f" ({o}: {w} warm-up)" for o, w in meta.get("min_warmup", {}).items())
         + ("; CUDA events, L2 flushed between steps" if meta["device_type"] == "cuda"
            else "; wall time"),
         f"- device-to-device copy bandwidth, same run: **{meta['copy_gbs']:.1f} GB/s** "
         "(read + write)",
     ]
+    if meta.get("hyperparameters"):
+        lines.append("- settings, every implementation: " + "; ".join(
+            f"{o} " + ", ".join(f"{k}={v}" for k, v in h.items())
+            for o, h in meta["hyperparameters"].items()))
     if meta.get("busy_cpus") is not None:
         lines.append(f"- CPUs busy with other work at start / end: {meta['busy_cpus']}")
     lines += [
         "", "median ms (p10-p90); GB/s from the bytes each implementation moves "
-        "(bench/run.py: bytes_per_element), and as % of the copy bandwidth; launches: GPU kernels "
+        "(bench/run.py: bytes_per_element"
+        + ("; counted from the step itself, measure.ByteCount, for "
+           + ", ".join(sorted({r["optimizer"] for r in results if r.get("bytes_counted")}))
+           if any(r.get("bytes_counted") for r in results) else "")
+        + "), and as % of the copy bandwidth; launches: GPU kernels "
         "+ copies per step (torch profiler); host: ms until step() returns (GPU only); "
         "speedup: best torch median / this median.", "",
         "| shapes | dtype | clip | optimizer | implementation | median ms | p10-p90 | GB/s | % copy "

@@ -6,16 +6,20 @@ best torch recipe, on this machine, and how close is it to what the memory syste
     python bench/run.py --compile    # also torch.compile of the torch recipe (compiling is slow)
     python bench/run.py --shapes smoke --optimizers sgd --dtypes float32 --steps 3
     python bench/run.py --clip amp   # under a GradScaler: unscale_ + clip + step vs fusedopt's
+    python bench/run.py --optimizers family   # adagrad,rmsprop,nadam,radam,adamax,lion
 
 Every implementation runs in the same process on fresh copies of the same tensors: torch.optim
-for-loop, foreach and fused, each followed by clip_grad_norm_(foreach=True) when clipping, and
-fusedopt with each backend that can run here. Writes Markdown (also printed), JSON with every
-raw number, and a PNG chart to bench/results/<device>-<date>[-quick].*; progress goes to stderr.
+for-loop, foreach and fused (where the torch class offers each), each followed by
+clip_grad_norm_(foreach=True) when clipping, and fusedopt with each backend that can run here.
+Lion has no torch.optim class: its torch recipes are lion_ below (lion-pytorch's step, for-loop
+and foreach). Writes Markdown (also printed), JSON with every raw number, and a PNG chart to
+bench/results/<device>-<date>[-quick].*; progress goes to stderr.
 Shape sets come from bench/shapes.py; measuring from bench/measure.py; output from report.py.
 """
 import argparse
 import datetime
 import gc
+import inspect
 import statistics
 import sys
 
@@ -32,19 +36,192 @@ MAX_NORM = 1.0  # clip_grad_norm_(params, 1.0): random grads have norms >> 1, so
 CLIP_MODES = ("off", "on", "amp")
 AMP_SCALE = 2.0 ** 16  # GradScaler's default init_scale; the random grads count as scaled by it
 
-# name -> (torch class, fusedopt class, hyperparameters shared by every implementation)
+
+# -- Lion's torch recipe ---------------------------------------------------------------------------
+
+def lion_(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, foreach):
+    """One Lion step in place, the torch recipe that stands in for the missing torch.optim.Lion.
+
+    for-loop: lion-pytorch's ``update_fn`` op for op (lucidrains/lion-pytorch,
+    lion_pytorch/lion_pytorch.py), the step most Lion users run:
+    ``p.mul_(1 - lr wd); u = m.clone().mul_(beta1).add(g, alpha=1 - beta1).sign_();
+    p.add_(u, alpha=-lr); m.mul_(beta2).add_(g, alpha=1 - beta2)``.
+    foreach: the same arithmetic as torch._foreach_* ops over all tensors at once (no clone: the
+    first mul writes the new tensor), as torch.optim's foreach implementations are written.
+    """
+    if not foreach:
+        for p, g, m in zip(params, grads, exp_avgs):
+            p.mul_(1.0 - lr * weight_decay)
+            update = m.clone().mul_(beta1).add(g, alpha=1.0 - beta1).sign_()
+            p.add_(update, alpha=-lr)
+            m.mul_(beta2).add_(g, alpha=1.0 - beta2)
+        return
+    torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    update = torch._foreach_mul(exp_avgs, beta1)
+    torch._foreach_add_(update, grads, alpha=1.0 - beta1)
+    torch._foreach_sign_(update)
+    torch._foreach_add_(params, update, alpha=-lr)
+    torch._foreach_mul_(exp_avgs, beta2)
+    torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta2)
+
+
+class TorchLion(torch.optim.Optimizer):
+    """lion_ as a torch.optim.Optimizer (lion-pytorch's defaults and state key ``exp_avg``), so
+    that GradScaler, torch.compile and the recipes below take it as any torch.optim class.
+    ``foreach=None`` picks foreach for CUDA tensors and the for-loop otherwise, as torch.optim."""
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, foreach=None):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
+                                      foreach=foreach))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if "exp_avg" not in self.state[p]:
+                    self.state[p]["exp_avg"] = torch.zeros_like(p)
+            exp_avgs = [self.state[p]["exp_avg"] for p in params]
+            foreach = group["foreach"]
+            if foreach is None:
+                foreach = all(p.is_cuda for p in params)
+            lion_(params, [p.grad for p in params], exp_avgs, lr=group["lr"],
+                  beta1=group["betas"][0], beta2=group["betas"][1],
+                  weight_decay=group["weight_decay"], foreach=foreach)
+        return loss
+
+
+# -- LAMB's torch recipe ---------------------------------------------------------------------------
+
+def lamb_(params, grads, exp_avgs, exp_avg_sqs, *, step, lr, beta1, beta2, eps, weight_decay,
+          foreach):
+    """One LAMB step in place, the torch recipe that stands in for the missing torch.optim.LAMB:
+    NVIDIA Apex's FusedLAMB math (apex/optimizers/fused_lamb.py, csrc/multi_tensor_lamb.cu) with
+    its defaults (bias correction, adam_w_mode, grad averaging), written with torch ops, its own
+    clip left to clip_grad_norm_. ``step`` counts this step (1 on the first).
+
+    m = lerp(m, g, 1 - beta1); v = beta2 v + (1 - beta2) g^2;
+    u = (m / bc1) / (sqrt(v / bc2) + eps) + weight_decay p;
+    p -= lr r u with r = ||p|| / ||u|| per tensor (1 where either norm is 0, or without decay).
+    for-loop: one tensor at a time; foreach: the same ops as torch._foreach_* over all tensors.
+    The trust ratios stay 0-dim device tensors (no host read), applied by an addcmul_.
+    """
+    bc1, bc2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
+    if foreach:
+        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+        denom = torch._foreach_div(exp_avg_sqs, bc2)
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, eps)
+        update = torch._foreach_div(exp_avgs, bc1)
+        torch._foreach_div_(update, denom)
+        del denom
+        if weight_decay != 0:
+            torch._foreach_add_(update, params, alpha=weight_decay)
+        scales = _lamb_scales(torch._foreach_norm(params), torch._foreach_norm(update),
+                              lr, weight_decay)
+        torch._foreach_addcmul_(params, update, scales)
+        return
+    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+        m.lerp_(g, 1.0 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        update = (m / bc1).div_((v / bc2).sqrt_().add_(eps))
+        if weight_decay != 0:
+            update.add_(p, alpha=weight_decay)
+        (scale,) = _lamb_scales([p.norm()], [update.norm()], lr, weight_decay)
+        p.addcmul_(update, scale)
+
+
+def _lamb_scales(p_norms, u_norms, lr, weight_decay):
+    """-lr * trust ratio per tensor, as 0-dim tensors."""
+    if weight_decay == 0:  # Apex: no trust ratio for params without decay (use_nvlamb=False)
+        return [torch.full_like(n, -lr) for n in p_norms]
+    p_norm, u_norm = torch.stack(p_norms), torch.stack(u_norms)
+    ratio = torch.where((p_norm != 0) & (u_norm != 0), p_norm / u_norm, 1.0)
+    return list((-lr * ratio).unbind())
+
+
+class TorchLAMB(torch.optim.Optimizer):
+    """lamb_ as a torch.optim.Optimizer (Apex's defaults; state ``exp_avg``, ``exp_avg_sq`` and,
+    as Apex, one step count per param group), for the recipes below. ``foreach=None`` picks
+    foreach for CUDA tensors and the for-loop otherwise, as torch.optim."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, *,
+                 foreach=None):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      foreach=foreach))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if not self.state[p]:
+                    self.state[p]["exp_avg"] = torch.zeros_like(p)
+                    self.state[p]["exp_avg_sq"] = torch.zeros_like(p)
+            group["step"] = group.get("step", 0) + 1
+            foreach = group["foreach"]
+            if foreach is None:
+                foreach = all(p.is_cuda for p in params)
+            lamb_(params, [p.grad for p in params], [self.state[p]["exp_avg"] for p in params],
+                  [self.state[p]["exp_avg_sq"] for p in params], step=group["step"],
+                  lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
+                  eps=group["eps"], weight_decay=group["weight_decay"], foreach=foreach)
+        return loss
+
+
+# name -> (torch class, fusedopt class, hyperparameters shared by every implementation). Settings
+# as they are commonly run, and every state tensor in use: RMSprop with momentum and centered
+# (3 states), Lion with its decoupled weight decay (lion-pytorch multiplies p even at 0).
 OPTIMIZERS = {
     "sgd": (torch.optim.SGD, fusedopt.SGD, dict(lr=1e-3, momentum=0.9)),
     "adam": (torch.optim.Adam, fusedopt.Adam, dict(lr=1e-3)),
     "adamw": (torch.optim.AdamW, fusedopt.AdamW, dict(lr=1e-3, weight_decay=0.01)),
+    "adagrad": (torch.optim.Adagrad, fusedopt.Adagrad, dict(lr=1e-2)),
+    "rmsprop": (torch.optim.RMSprop, fusedopt.RMSprop, dict(lr=1e-3, momentum=0.9, centered=True)),
+    "nadam": (torch.optim.NAdam, fusedopt.NAdam, dict(lr=1e-3)),
+    "radam": (torch.optim.RAdam, fusedopt.RAdam, dict(lr=1e-3)),
+    "adamax": (torch.optim.Adamax, fusedopt.Adamax, dict(lr=1e-3)),
+    "lion": (TorchLion, fusedopt.Lion, dict(lr=1e-4, weight_decay=0.1)),
+    "lamb": (TorchLAMB, fusedopt.LAMB, dict(lr=1e-3, weight_decay=0.01)),
+    "adafactor": (torch.optim.Adafactor, fusedopt.Adafactor, dict(lr=1e-2)),
 }
-STATE_COPIES = {"sgd": 1, "adam": 2, "adamw": 2}
+# beyond SGD and Adam(W). Muon is not here: its step is Newton-Schulz GEMMs (15,000-23,000 FLOP
+# per element at width 768), not a pass over memory, on 2-D tensors only; bench/muon.py times it.
+FAMILY = ("adagrad", "rmsprop", "nadam", "radam", "adamax", "lion", "lamb", "adafactor")
+# State tensors of p's size per parameter, with OPTIMIZERS' settings (memory, and the bytes a fused
+# update moves: p read + written, g read, each state read + written)
+STATE_COPIES = {"sgd": 1, "adam": 2, "adamw": 2, "adagrad": 1, "rmsprop": 3, "nadam": 2,
+                "radam": 2, "adamax": 2, "lion": 1, "lamb": 2, "adafactor": 1}
+# Bytes counted from the step itself (measure.ByteCount, one more step after the timed ones), not
+# from bytes_per_element's tables: LAMB's passes (fusedopt/optim/lamb.py) differ by dtype and
+# skip mode, Adafactor's by tensor shape (factored or not, stacked or not, 1x1 conv kernels).
+COUNTED = ("lamb", "adafactor")
+# RAdam's first 5 steps skip the adaptive term (rho_t <= 5 with beta2 = 0.999), a different
+# branch in torch's for-loop: untimed, so that every timed step is the steady state
+MIN_WARMUP = {"radam": 5}
 TORCH_IMPLS = ("torch for-loop", "torch foreach", "torch fused")
 COMPILED = "torch.compile(foreach)"
 OUR_IMPLS = ("fusedopt (torch)", "fusedopt (triton)")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
-# (device type, quick) -> the matrix run by default
+# (device type, quick) -> the matrix run by default. The family (FAMILY) is in the full GPU run
+# only: there each row takes milliseconds, and it times the one Triton update kernel against
+# torch's foreach (LAMB and Adafactor: fusedopt's torch path, on every device). On CPU fusedopt
+# runs the elementwise family's rules op by op (fusedopt/_elementwise.py: 2-5x the bytes of
+# torch's foreach, 0.6-2.8 s a step on GPT-2 small). Measured on the 2-core CI machine
+# (bench/results/family-cpu-2026-11-29.md), the family would add ~23 min to the full CPU run and
+# 30 s to 2 min per optimizer to --quick (RAdam's 5 warm-up steps; Adafactor's torch recipes
+# take 0.8-1.2 s a step on ResNet-50's conv kernels); `--optimizers family` runs it.
 DEFAULTS = {
     ("cpu", True): dict(shapes="gpt2-small,resnet50,many-small", optimizers="sgd,adamw",
                         dtypes="float32,bfloat16", clip="on,amp", steps=5, warmup=1),
@@ -53,44 +230,95 @@ DEFAULTS = {
     ("cuda", True): dict(shapes="gpt2-small,llama-1b,resnet50,many-small", optimizers="sgd,adamw",
                          dtypes="float32,bfloat16", clip="on,amp", steps=20, warmup=3),
     ("cuda", False): dict(shapes="gpt2-small,llama-1b,resnet50,many-small",
-                          optimizers="sgd,adam,adamw", dtypes="float32,bfloat16",
+                          optimizers="sgd,adam,adamw,family", dtypes="float32,bfloat16",
                           clip="on,off,amp", steps=50, warmup=5),
 }
 
 
-def impls_for(device: torch.device, compile_: bool) -> tuple[str, ...]:
-    """Every implementation that can run on ``device``: the Triton kernels only on CUDA."""
+def impls_for(opt: str, device: torch.device, compile_: bool) -> tuple[str, ...]:
+    """Every implementation of ``opt`` that can run on ``device``: torch's fused one where its
+    class takes ``fused=`` (torch 2.13: SGD, Adam, AdamW, Adagrad; RMSprop, NAdam, RAdam, Adamax
+    and Adafactor take foreach only, and the stand-ins for Lion and LAMB are for-loop and
+    foreach), the Triton kernels only on CUDA and for optimizers that have them."""
     from fusedopt._dispatch import triton_unavailable_reason
-    triton_ok = device.type == "cuda" and triton_unavailable_reason({device}) is None
-    return TORCH_IMPLS + ((COMPILED,) if compile_ else ()) + OUR_IMPLS[:2 if triton_ok else 1]
+    torch_cls, our_cls, _ = OPTIMIZERS[opt]
+    triton_ok = (device.type == "cuda" and triton_unavailable_reason({device}) is None
+                 and not getattr(our_cls, "_NO_KERNELS", None))  # LAMB, Adafactor: torch path
+    takes_fused = "fused" in inspect.signature(torch_cls).parameters
+    return (TORCH_IMPLS[:3 if takes_fused else 2] + ((COMPILED,) if compile_ else ())
+            + OUR_IMPLS[:2 if triton_ok else 1])
 
 
-def bytes_per_element(opt: str, impl: str, elt_size: int, clip: str) -> int:
-    """Bytes one step moves per parameter element: whole-tensor reads + writes, x ``elt_size``.
+# Update pass of the torch recipes, steady state: elements read + written per parameter element,
+# op by op (bytes_per_element's docstring), for (for-loop, foreach). The fused ones move the least
+# a step can: fused_elements().
+TORCH_UPDATE_ELEMENTS = {"sgd": (8, 8), "adam": (18, 18), "adamw": (20, 20), "adagrad": (11, 13),
+                         "rmsprop": (24, 24), "nadam": (22, 22), "radam": (28, 22),
+                         "adamax": (16, 16), "lion": (19, 17)}
+# fusedopt's torch path for the family runs its rule (fusedopt/rules.py) one tensor at a time in
+# fp32, each operator a whole-tensor pass: bytes of those passes, per element, fp32 temporaries
+# and 1-byte masks (bytes_per_element's docstring). SGD and Adam(W) take torch's fused ops instead.
+RULE_FP32_BYTES = {"adagrad": 88, "rmsprop": 180, "nadam": 180, "radam": 168, "adamax": 120,
+                   "lion": 120}
 
-    Counted from the kernels each implementation runs (torch 2.13: torch/optim/{sgd,adam}.py,
-    torch/nn/utils/clip_grad.py); step counters and norms are a few bytes in all and not counted.
-    A kernel reading one tensor twice (addcmul_(g, g)) counts it once.
+
+def fused_elements(opt: str) -> int:
+    """The least a step can move: p read + written, g read, each state read + written."""
+    return 3 + 2 * STATE_COPIES[opt]
+
+
+def bytes_per_element(opt: str, impl: str, elt_size: int, clip: str,
+                      device_type: str = "cuda") -> int:
+    """Bytes one step moves per parameter element on ``device_type``: whole-tensor reads + writes.
+    Not for COUNTED optimizers, whose steps are counted as they run.
+
+    Counted from the kernels each implementation runs (torch 2.13: torch/optim/*.py,
+    torch/nn/utils/clip_grad.py; fusedopt/_elementwise.py rule_torch_); step counters and norms
+    are a few bytes in all and not counted. A kernel reading one tensor twice (addcmul_(g, g))
+    counts it once. tests/test_bench_bytes.py checks every torch-run row against a count of the
+    aten ops one step really dispatches.
 
     Clip. torch, every recipe: the norm reads g (1), then mul_ by the clip coefficient reads and
     writes g (2) = 3; clip_grad_norm_ always multiplies (no host branch). fusedopt, both backends:
     the norm reads g (1). Torch backend: the multiply is folded into the update as ``grad_scale``,
     and torch's fused op then also writes the clipped g back (checked on CPU: .grad changes only
-    when grad_scale is passed). Triton backend: the kernel scales g in registers, never writes it.
+    when grad_scale is passed); the rule path divides g into an fp32 temporary (read 4 B + write
+    4 B) and copies it back to g (4 + elt). Triton backend: the kernel scales g in registers,
+    never writes it.
 
-    Update, steady state (momentum buffers / moments exist):
-      SGD momentum   fused      p, g, buf -> p, buf                                       5
-                     foreach,   buf.mul_ 2, buf.add_(g) 3, p.add_(buf) 3                  8
-                     for-loop
-                     fo. torch  p, g, buf -> p, buf, g (g only with grad_scale)       5 / 6
-                     fo. triton p, g, buf -> p, buf                                       5
-      Adam / AdamW   fused      p, g, m, v -> p, m, v                                     7
-                     foreach,   AdamW only: p.mul_(1 - lr wd) 2; m.lerp_(g) 3,
-                     for-loop   v.mul_ 2, v.addcmul_(g, g) 3, d = sqrt(v) 2, d.div_ 2,
-                                d.add_(eps) 2, p.addcdiv_(m, d) 4                  18 / AdamW 20
-                     fo. torch  p, g, m, v -> p, m, v, g (g only with grad_scale)     7 / 8
-                     fo. triton p, g, m, v -> p, m, v                                     7
-    Totals with clip: SGD 11 / 8 / 7 / 6, Adam 21 / 10 / 9 / 8, AdamW 23 / 10 / 9 / 8 for
+    Update, steady state, in elements of the param dtype (torch's ops run in it):
+      fused (torch fused, fusedopt triton, and the fusedopt torch path of SGD / Adam / AdamW,
+      which calls torch's fused ops): p, g, each state read; p, each state written: 3 + 2 x
+      STATE_COPIES (SGD momentum 5, Adam(W) / NAdam / RAdam / Adamax 7, Adagrad / Lion 5,
+      RMSprop centered + momentum 9); the torch path writes g too when it clips (+1), except
+      bf16 SGD on CPU, where fusedopt takes torch's foreach SGD (fusedopt/optim/sgd.py: the fused
+      CPU op is wrong there) after dividing g by the clip (2): 8 + 2.
+      for-loop / foreach (TORCH_UPDATE_ELEMENTS), OPTIMIZERS' settings (x = new tensor):
+        SGD momentum   buf.mul_ 2, buf.add_(g) 3, p.add_(buf) 3                              8 / 8
+        Adam           m.lerp_(g) 3, v.mul_ 2, v.addcmul_(g, g) 3, x = sqrt(v) 2, x.div_ 2,
+                       x.add_(eps) 2, p.addcdiv_(m, x) 4; AdamW + p.mul_(1 - lr wd) 2  18 / AdamW 20
+        Adagrad        s.addcmul_(g, g) 3, x = sqrt(s) 2, x.add_(eps) 2, p.addcdiv_(g, x) 4;
+                       foreach also forms x = -clr g first (2)                               11 / 13
+        RMSprop        v.mul_ 2, v.addcmul_(g, g) 3, gavg.lerp_(g) 3, x = v.addcmul(gavg,
+          (centered,   gavg) 3, x.sqrt_ 2, x.add_(eps) 2, buf.mul_ 2, buf.addcdiv_(g, x) 4,
+          momentum)    p.add_(buf) 3                                                         24 / 24
+        NAdam          m.lerp_ 3, v.mul_ 2, v.addcmul_ 3, x = v / bc2 2, x.sqrt_ 2, x.add_ 2,
+                       p.addcdiv_(g, x) 4, p.addcdiv_(m, x) 4                                22 / 22
+        RAdam          m.lerp_ 3, v.mul_ 2, v.addcmul_ 3; for-loop: x = m / bc1 2, x * lr 2,
+          (rectified,  y = sqrt(v) 2, y.add_ 2, bc2^0.5 / y 2 (reciprocal) + 2, product 3,
+          step >= 6)   * rect 2, p.add_ 3 = 28; foreach: y = sqrt(v) 2, y.add_ 2, y.div_ 2,
+                       reciprocal_ 2, add_ 2, p.addcmul_(m, y) 4 = 22                       28 / 22
+        Adamax         m.lerp_ 3, u.mul_ 2, x = abs(g) 2, x.add_(eps) 2, u = max(u, x) 3,
+                       p.addcdiv_(m, u) 4                                                    16 / 16
+        Lion           for-loop (lion-pytorch): p.mul_ 2, x = m.clone() 2, x.mul_ 2, x =
+                       x.add(g) 3, x.sign_ 2, p.add_(x) 3, m.mul_ 2, m.add_(g) 3 = 19;
+                       foreach: the same but x = m * beta1 (no clone) = 17                   19 / 17
+      fusedopt torch path of the family (rule_torch_, one tensor at a time, fp32): the rule's
+      operators, RULE_FP32_BYTES bytes (Lion: p * (1 - lr wd) 8, beta1 m 8, (1 - beta1) g 8,
+      + 12, c > 0 and c < 0 5 each, c * 0 8, two where 9 each, beta2 m 8, (1 - beta2) g 8, + 12,
+      lr sign 8, p - 12 = 120), then p and each state copied back (4 B read + elt written each);
+      in bf16 each of p, g and the states is first converted to fp32 (elt read + 4 B written).
+    Totals with clip, fp32: SGD 11 / 8 / 7 / 6, Adam 21 / 10 / 9 / 8, AdamW 23 / 10 / 9 / 8 for
     foreach-or-for-loop / fused / fusedopt torch / fusedopt triton: fp32 AdamW is 92 / 40 / 36 /
     32 bytes per element (DESIGN.md's budget: 40 -> 32). torch.compile is counted as the fused
     recipe: what Inductor really fuses is not known here, so its GB/s is a lower bound.
@@ -99,19 +327,34 @@ def bytes_per_element(opt: str, impl: str, elt_size: int, clip: str) -> int:
     scaler's step adds no pass for a non-fused optimizer (it reads found_inf on the host) and, for
     fused=True, none either (unscale_ already recorded found_inf). fusedopt with fusedopt.GradScaler:
     Triton: the norm pass also unscales and finds infs, nothing more (fp32 AdamW: 32 bytes vs 48
-    for fused + unscale_ + clip); torch path: GradScaler's own unscale-and-check op (2).
+    for fused + unscale_ + clip); torch path: GradScaler's own unscale-and-check op (2), and on
+    the rule path each new p and state value goes through torch.where(found_inf, old, new)
+    (fp32: read 8 B, write 4 B; bf16: old converted to fp32 first, + 6 B).
     """
+    if opt in COUNTED:
+        raise ValueError(f"{opt}: bytes counted at run time (COUNTED), no formula")
     ours = impl in OUR_IMPLS
     clip_elems = (1 if ours else 3) if clip != "off" else 0
     if clip == "amp" and impl != "fusedopt (triton)":
         clip_elems += 2
-    fused_like = impl in ("torch fused", COMPILED) or ours
-    if opt == "sgd":
-        update = 5 if fused_like else 8
+    if impl == "fusedopt (torch)" and opt in RULE_FP32_BYTES:
+        states = STATE_COPIES[opt]
+        moved = RULE_FP32_BYTES[opt] + (1 + states) * (4 + elt_size)  # rule + copies back
+        if elt_size != 4:
+            moved += (2 + states) * (elt_size + 4)  # p, g and the states converted to fp32
+        if clip != "off":
+            moved += 8 + 4 + elt_size  # g / grad_scale into an fp32 temporary, copied back to g
+        if clip == "amp":  # each new value through torch.where(found_inf, old, new)
+            moved += (1 + states) * (12 + (elt_size + 4 if elt_size != 4 else 0))
+        return clip_elems * elt_size + moved
+    if impl in ("torch for-loop", "torch foreach"):
+        update = TORCH_UPDATE_ELEMENTS[opt][impl == "torch foreach"]
+    elif impl == "fusedopt (torch)" and opt == "sgd" and elt_size == 2 and device_type == "cpu":
+        update = TORCH_UPDATE_ELEMENTS[opt][1] + (2 if clip != "off" else 0)  # foreach, g / coef
     else:
-        update = 7 if fused_like else (20 if opt == "adamw" else 18)
-    if impl == "fusedopt (torch)" and clip != "off":
-        update += 1  # the clipped g written back
+        update = fused_elements(opt)
+        if impl == "fusedopt (torch)" and clip != "off":
+            update += 1  # the clipped g written back
     return (clip_elems + update) * elt_size
 
 
@@ -167,9 +410,12 @@ def measure_impl(opt, impl, masters, clip, args, device) -> dict:
     def restore():  # the torch path's clip rewrote .grad: every step sees the same gradients
         torch._foreach_copy_(grads, master_grads)
     step = make_step(opt, impl, params, clip)
-    times = measure.time_steps(step, restore, args.warmup, args.steps, device)
+    warmup = max(args.warmup, MIN_WARMUP.get(opt, 1))
+    times = measure.time_steps(step, restore, warmup, args.steps, device)
     out = dict(times_ms=times, host_ms=measure.host_ms(step, restore, device),
                launches=measure.launches_per_step(step, restore, device))
+    if opt in COUNTED:
+        out["bytes_per_step"] = measure.bytes_per_step(step, restore)
     del step, restore, params, p  # the optimizer state goes with the step; grads with restore
     gc.collect()
     if device.type == "cuda":
@@ -194,7 +440,8 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="the short matrix (see DEFAULTS)")
     parser.add_argument("--shapes", help=f"comma list from bench/shapes.py: {', '.join(shapes.NAMES)}")
-    parser.add_argument("--optimizers", help=f"comma list of {', '.join(OPTIMIZERS)}")
+    parser.add_argument("--optimizers", help=f"comma list of {', '.join(OPTIMIZERS)}, or "
+                        f"'family' for {','.join(FAMILY)}")
     parser.add_argument("--dtypes", help=f"comma list of {', '.join(DTYPES)}")
     parser.add_argument("--clip", help="comma list of off, on, amp (a GradScaler step with clip)")
     parser.add_argument("--steps", type=int, help="timed steps per row")
@@ -206,6 +453,8 @@ def parse_args(argv=None):
     for key, value in DEFAULTS[("cuda" if device_type == "cuda" else "cpu", args.quick)].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    args.optimizers = ",".join(",".join(FAMILY) if name == "family" else name
+                               for name in args.optimizers.split(","))
     report.split_names(parser, args, {"shapes": shapes.NAMES, "optimizers": OPTIMIZERS,
                                       "dtypes": DTYPES, "clip": CLIP_MODES})
     return args
@@ -219,11 +468,15 @@ def main(argv=None):
                 warmup=args.warmup, max_grad_norm=MAX_NORM, quick=args.quick,
                 date=datetime.datetime.now().isoformat(timespec="seconds"),
                 copy_gbs=measure.copy_bandwidth_gbs(device, 1024 if device.type == "cuda" else 256))
+    meta["commit"] = measure.commit()
+    meta["hyperparameters"] = {o: OPTIMIZERS[o][2] for o in args.optimizers}
+    meta["min_warmup"] = {o: w for o, w in MIN_WARMUP.items()
+                          if o in args.optimizers and w > args.warmup}
     busy_start = measure.busy_cpus() if device.type == "cpu" else None
     measure.warn_if_busy(busy_start, "at start")
-    impls = impls_for(device, args.compile)
+    impls = {opt: impls_for(opt, device, args.compile) for opt in args.optimizers}
     results, skipped = [], []
-    total = len(args.shapes) * len(args.dtypes) * len(args.clip) * len(args.optimizers) * len(impls)
+    total = len(args.shapes) * len(args.dtypes) * len(args.clip) * sum(map(len, impls.values()))
     done = 0
     for set_name in args.shapes:
         shape_list = shapes.get(set_name)
@@ -231,28 +484,43 @@ def main(argv=None):
         for dtype_name in args.dtypes:
             dtype = DTYPES[dtype_name]
             elt = torch.empty((), dtype=dtype).element_size()
-            if not fits_in_memory(n, elt, "adamw", device):
-                skipped.append(f"{set_name} {dtype_name}: needs more memory than is free")
-                done += len(args.clip) * len(args.optimizers) * len(impls)
+            fitting = [o for o in args.optimizers if fits_in_memory(n, elt, o, device)]
+            for opt in args.optimizers:
+                if opt not in fitting:
+                    skipped.append(f"{set_name} {dtype_name} {opt}: needs more memory than is free")
+                    done += len(args.clip) * len(impls[opt])
+            if not fitting:
                 continue
             gen = torch.Generator(device=device).manual_seed(0)
             masters = ([torch.randn(s, generator=gen, device=device).to(dtype) for s in shape_list],
                        [torch.randn(s, generator=gen, device=device).to(dtype) for s in shape_list])
             for clip in args.clip:
-                for opt in args.optimizers:
-                    for impl in impls:
+                for opt in fitting:
+                    for impl in impls[opt]:
                         done += 1
-                        m = measure_impl(opt, impl, masters, clip, args, device)
+                        try:
+                            m = measure_impl(opt, impl, masters, clip, args, device)
+                        except (RuntimeError, NotImplementedError) as e:
+                            if impl in OUR_IMPLS:
+                                raise
+                            # a recipe torch does not offer here (say fused Adagrad on a device
+                            # without its kernel): said in the report, the run goes on
+                            skipped.append(f"{set_name} {dtype_name} clip {clip} {opt} {impl}: "
+                                           f"{type(e).__name__}: {str(e)[:200]}")
+                            continue
                         times = m.pop("times_ms")
                         median = statistics.median(times)
                         deciles = (statistics.quantiles(times, n=10, method="inclusive")
                                    if len(times) > 1 else [median] * 9)
-                        moved = bytes_per_element(opt, impl, elt, clip)
+                        counted = m.pop("bytes_per_step", None)
+                        moved = (counted / n if counted is not None
+                                 else bytes_per_element(opt, impl, elt, clip, device.type))
                         gbs = moved * n / (median * 1e-3) / 1e9
                         results.append(dict(
                             shapes=set_name, tensors=len(shape_list), numel=n, dtype=dtype_name,
                             clip=clip, optimizer=opt, impl=impl, median_ms=median,
                             p10_ms=deciles[0], p90_ms=deciles[-1], bytes_per_element=moved,
+                            bytes_counted=counted is not None,
                             gb_per_s=gbs, pct_of_copy=100 * gbs / meta["copy_gbs"],
                             times_ms=times, **m))
                         print(f"[{done}/{total}] {set_name} {dtype_name} clip "

@@ -3,17 +3,22 @@
 The one question: does ``fusedopt.AdamW(..., max_grad_norm=1.0)`` train a real model as
 ``clip_grad_norm_(params, 1.0)`` + ``torch.optim.AdamW`` does (same loss curve, same final
 weights, to rounding), and how long is a whole training step (forward + backward + step) with each?
+``--optimizer`` asks the same of any fusedopt optimizer but Muon against its torch recipe
+(bench/run.py's OPTIMIZERS: the torch.optim namesake, lion-pytorch's step for Lion, Apex's
+FusedLAMB math for LAMB), with SETTINGS' values.
 
     python bench/train.py                        # 600 steps: ~40 s on 2 idle CPU cores
     python bench/train.py --quick                # 50 steps: a smoke run, ~10 s
+    python bench/train.py --optimizer lion       # fusedopt.Lion against lion-pytorch's step
     python bench/train.py --steps 2000 --device cuda --out-dir /tmp/train
 
 The model is a decoder-only transformer (~110k parameters) trained on characters of a corpus that
 the script generates from its seed (a word-level Markov chain), so nothing is downloaded. Both runs
 start from one state_dict and see the same batches; they alternate step by step, so that load from
 other processes falls on both alike. Writes a PNG of the two loss curves and a JSON of every number
-to ``bench/results/train-<device>-<date>.{png,json}`` (``--out-dir`` to change the folder) and
-prints a summary. Exits non-zero when the loss curves differ by more than LOSS_RTOL.
+to ``bench/results/train-[<optimizer>-]<device>-<date>.{png,json}`` (no optimizer in the name for
+the default, AdamW; ``--out-dir`` to change the folder) and prints a summary. Exits non-zero when
+the loss curves differ by more than LOSS_RTOL.
 """
 import argparse
 import datetime
@@ -33,6 +38,7 @@ from fusedopt._dispatch import choose_backend
 
 import measure  # bench/ is on sys.path when run as `python bench/train.py`
 import report
+from run import OPTIMIZERS, TorchLAMB, TorchLion  # the step benchmark's table and stand-ins
 
 MAX_NORM = 1.0
 # Largest allowed max_i |loss_a[i] - loss_b[i]| / |loss_a[i]|. The runs differ by float rounding
@@ -40,12 +46,37 @@ MAX_NORM = 1.0
 # orders its arithmetic differently), but training amplifies any difference exponentially. On the
 # 2-core CI machine (seed 0, 600 steps) at a constant lr 3e-3, fusedopt vs torch, torch's for-loop
 # vs its fused AdamW, and one weight moved by one ulp all drifted alike: past 1e-4 at step 349, to
-# ~0.1 at the end. The cosine decay in CONFIG damps it: the same three then stayed within 5.9e-6,
-# 5.2e-6 and 1.3e-5. A longer run can cross the limit with no bug: compare with such a control.
+# ~0.1 at the end. The cosine decay (SETTINGS' lr_min) damps it: the same three then stayed
+# within 5.9e-6, 5.2e-6 and 1.3e-5. A longer run can cross the limit with no bug: compare with such
+# a control.
 LOSS_RTOL = 1e-4
-# lr falls from lr to lr_min on a half cosine over the run (GPT practice; and see LOSS_RTOL).
-CONFIG = dict(block=64, d_model=64, n_layer=2, n_head=4, batch=16, lr=3e-3, lr_min=3e-4,
-              weight_decay=0.1, corpus_chars=200_000, words=48, successors=4)
+CONFIG = dict(block=64, d_model=64, n_layer=2, n_head=4, batch=16, corpus_chars=200_000, words=48,
+              successors=4)
+DEFAULT_OPTIMIZER = "adamw"
+# --optimizer -> its hyperparameters here, the same for both runs; lr falls from lr to lr_min (not
+# an optimizer argument) on a half cosine over the run (GPT practice; and see LOSS_RTOL). AdamW's
+# are the check's own. The others (lr_min = lr / 10) were picked from a few tried so that the
+# torch recipe against itself with one weight moved by one ulp stays within LOSS_RTOL over the 600
+# default steps, so that a failed check means more than rounding (2-core CI machine, seed 0:
+# SGD 9e-7, Adagrad 2.4e-6, RMSprop 1.2e-6, NAdam 9e-7, RAdam 2e-7, Adamax 7.8e-7, Adam 5.4e-6,
+# LAMB 5.2e-7, Adafactor 5e-7; at SGD lr 0.3, Adagrad 0.03, RMSprop 3e-4, NAdam 2e-3 the same
+# control drifted 3e-3 to 0.17). LAMB's torch recipe is bench/run.py's Apex stand-in. Muon is not
+# here: it takes 2-D matrices only, so training this model needs a second optimizer for the rest.
+# Lion's sign() turns any rounding into a step of 2 lr: at lr 3e-4 the control drifted 6.8e-4, so
+# its check holds only while fusedopt computes lion-pytorch's step bit for bit (it does on the CPU).
+SETTINGS = {
+    "adamw": dict(lr=3e-3, lr_min=3e-4, weight_decay=0.1),
+    "adam": dict(lr=3e-3, lr_min=3e-4),
+    "sgd": dict(lr=0.1, lr_min=0.01, momentum=0.9),
+    "adagrad": dict(lr=1e-2, lr_min=1e-3),
+    "rmsprop": dict(lr=1e-4, lr_min=1e-5, momentum=0.9, centered=True),
+    "nadam": dict(lr=1e-3, lr_min=1e-4),
+    "radam": dict(lr=3e-3, lr_min=3e-4),
+    "adamax": dict(lr=6e-3, lr_min=6e-4),
+    "lion": dict(lr=3e-4, lr_min=3e-5, weight_decay=1.0),
+    "lamb": dict(lr=1e-2, lr_min=1e-3, weight_decay=0.01),
+    "adafactor": dict(lr=3e-2, lr_min=3e-3),
+}
 # Median step on the 2-core CI machine (2 torch threads): 20-25 ms idle, so ~40 s for the default
 # run and ~10 s for --quick, start-up included; 100-280 ms while another process kept both cores
 # busy (torch's OpenMP threads then wait for each other).
@@ -128,10 +159,20 @@ def cosine(opt, cfg):
     return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg["steps"], eta_min=cfg["lr_min"])
 
 
+def run_names(optimizer: str) -> tuple[str, str]:
+    """The two runs' names: (a) torch's recipe, (b) fusedopt's class."""
+    torch_cls, our_cls, _ = OPTIMIZERS[optimizer]
+    recipe = {TorchLion: "lion_ (lion-pytorch's step, bench/run.py)",
+              TorchLAMB: "lamb_ (Apex FusedLAMB's math, bench/run.py)"}.get(
+                  torch_cls, torch_cls.__name__)
+    return f"torch clip_grad_norm_ + {recipe}", f"fusedopt.{our_cls.__name__}"
+
+
 def torch_recipe(params, cfg):
-    """Run (a): clip_grad_norm_ then torch.optim.AdamW, both with torch's defaults (foreach=None:
-    for-loop AdamW and foreach norm on CPU, foreach both on CUDA). Returns (step, grad-norm getter)."""
-    opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    """Run (a): clip_grad_norm_ then the optimizer's torch recipe (AdamW: torch.optim.AdamW), both
+    with torch's defaults (foreach=None: for-loop optimizer and foreach norm on CPU, foreach both
+    on CUDA). Returns (step, grad-norm getter)."""
+    opt = OPTIMIZERS[cfg["optimizer"]][0](params, **cfg["hyperparameters"])
     schedule, last = cosine(opt, cfg), {}
 
     def step():
@@ -143,8 +184,10 @@ def torch_recipe(params, cfg):
 
 
 def fusedopt_recipe(params, cfg):
-    """Run (b): fusedopt.AdamW with the clip inside step(). Returns (step, grad-norm getter)."""
-    opt = fusedopt.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], max_grad_norm=MAX_NORM)
+    """Run (b): the fusedopt optimizer (AdamW: fusedopt.AdamW) with the clip inside step().
+    Returns (step, grad-norm getter)."""
+    opt = OPTIMIZERS[cfg["optimizer"]][1](params, **cfg["hyperparameters"],
+                                          max_grad_norm=MAX_NORM)
     schedule = cosine(opt, cfg)
 
     def step():
@@ -152,9 +195,6 @@ def fusedopt_recipe(params, cfg):
         opt.zero_grad(set_to_none=True)
         schedule.step()
     return step, lambda: opt.grad_norm
-
-
-RUNS = {"torch clip_grad_norm_ + AdamW": torch_recipe, "fusedopt.AdamW": fusedopt_recipe}
 
 
 def train(models, data, starts, cfg, device, warmup):
@@ -165,8 +205,9 @@ def train(models, data, starts, cfg, device, warmup):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     offsets = torch.arange(cfg["block"] + 1, device=device)
     runs = []
-    for name, model in zip(RUNS, models):
-        step, grad_norm = RUNS[name](list(model.parameters()), cfg)
+    for name, recipe, model in zip(run_names(cfg["optimizer"]), (torch_recipe, fusedopt_recipe),
+                                   models):
+        step, grad_norm = recipe(list(model.parameters()), cfg)
         runs.append(dict(name=name, model=model, step=step, grad_norm=grad_norm,
                          losses=[], grad_norms=[], ms=[]))
     for i, row in enumerate(starts.to(device)):
@@ -266,11 +307,15 @@ def parse_args(argv=None):
                         help="first steps left out of the median step time (the first one creates "
                              "the optimizer state)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--optimizer", default=DEFAULT_OPTIMIZER, choices=list(SETTINGS),
+                        help="the fusedopt optimizer to train with, against its torch recipe "
+                             f"(default {DEFAULT_OPTIMIZER})")
     parser.add_argument("--seed", type=int, default=0,
                         help="seeds the corpus, the initial weights and the batches")
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                           "results"),
-                        help="folder for train-<device>-<date>.{png,json} (default: bench/results)")
+                        help="folder for train-[<optimizer>-]<device>-<date>.{png,json} "
+                             "(default: bench/results)")
     args = parser.parse_args(argv)
     if args.steps is None:
         args.steps = QUICK_STEPS if args.quick else DEFAULT_STEPS
@@ -283,7 +328,10 @@ def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
     torch.set_default_dtype(torch.float32)
-    cfg = dict(CONFIG, steps=args.steps, warmup=args.warmup, seed=args.seed, max_grad_norm=MAX_NORM)
+    hyper = {k: v for k, v in SETTINGS[args.optimizer].items() if k != "lr_min"}
+    cfg = dict(CONFIG, optimizer=args.optimizer, hyperparameters=hyper, lr=hyper["lr"],
+               lr_min=SETTINGS[args.optimizer]["lr_min"], steps=args.steps, warmup=args.warmup,
+               seed=args.seed, max_grad_norm=MAX_NORM)
     meta = {
         "device": measure.device_name(device), "torch": torch.__version__,
         "triton": measure.versions()["triton"],
@@ -326,7 +374,8 @@ def main(argv=None):
                    speed_ratio_a_over_b=a["median_ms"] / b["median_ms"], wall_s_both_runs=wall_s)
 
     os.makedirs(args.out_dir, exist_ok=True)
-    stem = os.path.join(args.out_dir, f"train-{report.slug(measure.device_name(device))}-"
+    named = "" if args.optimizer == DEFAULT_OPTIMIZER else f"{args.optimizer}-"
+    stem = os.path.join(args.out_dir, f"train-{named}{report.slug(measure.device_name(device))}-"
                         f"{datetime.date.today().isoformat()}")
     charted = plot(stem + ".png", runs, meta)
     with open(stem + ".json", "w") as f:
@@ -339,7 +388,8 @@ def main(argv=None):
     print(f"- device: {meta['device']}; fusedopt backend: {meta['fusedopt_backend']}")
     print(f"- torch {meta['torch']}, triton {meta['triton']}, fusedopt {meta['fusedopt']}, {meta['date']}")
     print(f"- {args.steps} steps of batch {cfg['batch']} x {cfg['block']} chars (vocab {len(vocab)}), "
-          f"lr {cfg['lr']} -> {cfg['lr_min']} (cosine), weight decay {cfg['weight_decay']}, clip "
+          f"{args.optimizer} " + ", ".join(f"{k} {v}" for k, v in hyper.items())
+          + f", lr -> {cfg['lr_min']} (cosine), clip "
           f"{MAX_NORM} (active in {compare['clipped_steps']}/{args.steps} steps); both runs "
           f"{wall_s:.1f} s")
     if device.type == "cpu":
@@ -359,7 +409,8 @@ def main(argv=None):
     if loss_rel > LOSS_RTOL:
         sys.exit(f"FAIL: the loss curves differ by {loss_rel:.3g} relative, more than {LOSS_RTOL:g}. "
                  "Training amplifies rounding; before suspecting fusedopt, check whether two torch "
-                 "AdamW implementations (foreach=False vs fused=True) drift as far (see LOSS_RTOL)")
+                 "implementations (foreach=False vs foreach=True or fused=True) drift as far (see "
+                 "LOSS_RTOL)")
 
 
 if __name__ == "__main__":

@@ -28,11 +28,75 @@ def test_run_py_writes_markdown_json_and_chart(tmp_path):
     assert md.with_suffix(".png").stat().st_size > 0
 
 
+FAMILY = ("adagrad", "rmsprop", "nadam", "radam", "adamax", "lion", "lamb", "adafactor")
+# the torch recipes of each (torch 2.13: fused only for Adagrad; Lion and LAMB: bench/run.py's
+# stand-ins)
+FAMILY_TORCH = {o: ("torch for-loop", "torch foreach") for o in FAMILY}
+FAMILY_TORCH["adagrad"] += ("torch fused",)
+
+
+def test_run_py_family_rows(tmp_path):
+    """--optimizers family: every optimizer beyond SGD and Adam(W), each against the torch recipes
+    its torch class offers, clipped and under a GradScaler."""
+    out = run_bench("run.py", "--shapes", "smoke", "--optimizers", "family", "--dtypes",
+                    "float32", "--clip", "on,amp", "--steps", "1", "--warmup", "1",
+                    out_dir=tmp_path)
+    data = json.loads(next(tmp_path.glob("cpu-*.json")).read_text())
+    rows = data["results"]
+    assert [r["optimizer"] for r in rows if r["impl"] == "fusedopt (torch)"] == list(FAMILY) * 2
+    for opt in FAMILY:
+        mine = [r for r in rows if r["optimizer"] == opt]
+        for clip in ("on", "amp"):
+            impls = [r["impl"] for r in mine if r["clip"] == clip]
+            assert sorted(impls) == sorted(FAMILY_TORCH[opt] + ("fusedopt (torch)",)), (opt, impls)
+        for r in mine:
+            assert r["median_ms"] > 0 and r["gb_per_s"] > 0 and r["bytes_per_element"] > 0
+            assert r["best_torch_impl"] in FAMILY_TORCH[opt]
+        assert f"clip amp {opt}, fusedopt (torch): **" in out  # the summary, printed
+    assert data["meta"]["hyperparameters"]["rmsprop"] == dict(lr=1e-3, momentum=0.9, centered=True)
+    assert data["meta"]["min_warmup"] == {"radam": 5}  # timed steps past RAdam's first 5
+    # LAMB's and Adafactor's bytes are counted from their steps, the others' from the tables
+    assert {r["optimizer"] for r in rows if r["bytes_counted"]} == {"lamb", "adafactor"}
+
+
 def test_train_py_loss_curves_coincide(tmp_path):
     out = run_bench("train.py", "--steps", "12", "--warmup", "2", out_dir=tmp_path)
     assert "max |loss a - loss b|" in out
     (result,) = tmp_path.glob("train-*.json")
     assert result.with_suffix(".png").stat().st_size > 0
+    data = json.loads(result.read_text())
+    assert result.name.startswith("train-cpu-")  # the default, AdamW, keeps its file name
+    assert data["config"]["optimizer"] == "adamw"
+    assert [r["name"] for r in data["runs"]] == ["torch clip_grad_norm_ + AdamW", "fusedopt.AdamW"]
+
+
+@pytest.fixture
+def train(monkeypatch):
+    """bench/train.py imported (bench/ on sys.path for its own imports; its modules dropped
+    after)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    before = set(sys.modules)
+    yield importlib.import_module("train")
+    for name in ("train", "run", "measure", "report", "shapes"):
+        if name not in before:
+            sys.modules.pop(name, None)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", *FAMILY])  # adamw: the default, above
+def test_train_py_optimizer(train, optimizer, tmp_path, capsys):
+    """--optimizer NAME: fusedopt's class against its torch recipe, a few steps in-process (a
+    subprocess each would spend most of its time importing torch)."""
+    train.main(["--optimizer", optimizer, "--steps", "4", "--warmup", "1",
+                "--out-dir", str(tmp_path)])
+    (result,) = tmp_path.glob(f"train-{optimizer}-cpu-*.json")
+    data = json.loads(result.read_text())
+    assert data["config"]["optimizer"] == optimizer
+    torch_name, ours = (r["name"] for r in data["runs"])
+    assert ours == f"fusedopt.{train.OPTIMIZERS[optimizer][1].__name__}"
+    assert {"lion": "lion-pytorch", "lamb": "Apex FusedLAMB"}.get(
+        optimizer, ours.split(".")[1]) in torch_name
+    assert data["compare"]["max_rel_loss_diff"] <= train.LOSS_RTOL
+    assert "max |loss a - loss b|" in capsys.readouterr().out
 
 
 # -- bench/tune.py ------------------------------------------------------------------------------
