@@ -259,7 +259,7 @@ TORCH_UPDATE_ELEMENTS = {"sgd": (8, 8), "adam": (18, 18), "adamw": (20, 20), "ad
 # fp32, each operator a whole-tensor pass: bytes of those passes, per element, fp32 temporaries
 # and 1-byte masks (bytes_per_element's docstring). SGD and Adam(W) take torch's fused ops instead.
 RULE_FP32_BYTES = {"adagrad": 88, "rmsprop": 180, "nadam": 180, "radam": 168, "adamax": 120,
-                   "lion": 120}
+                   "lion": 92}
 
 
 def fused_elements(opt: str) -> int:
@@ -313,11 +313,13 @@ def bytes_per_element(opt: str, impl: str, elt_size: int, clip: str,
         Lion           for-loop (lion-pytorch): p.mul_ 2, x = m.clone() 2, x.mul_ 2, x =
                        x.add(g) 3, x.sign_ 2, p.add_(x) 3, m.mul_ 2, m.add_(g) 3 = 19;
                        foreach: the same but x = m * beta1 (no clone) = 17                   19 / 17
-      fusedopt torch path of the family (rule_torch_, one tensor at a time, fp32): the rule's
-      operators, RULE_FP32_BYTES bytes (Lion: p * (1 - lr wd) 8, beta1 m 8, (1 - beta1) g 8,
-      + 12, c > 0 and c < 0 5 each, c * 0 8, two where 9 each, beta2 m 8, (1 - beta2) g 8, + 12,
-      lr sign 8, p - 12 = 120), then p and each state copied back (4 B read + elt written each);
-      in bf16 each of p, g and the states is first converted to fp32 (elt read + 4 B written).
+      fusedopt torch path of the family (rule_torch_, one tensor, or a 2**18-element piece of
+      one, at a time, fp32): the rule's operators, RULE_FP32_BYTES bytes (Lion: p * (1 - lr wd)
+      8, beta1 m 8, (1 - beta1) g 8, + 12, sign 8, beta2 m 8, (1 - beta2) g 8, + 12, lr sign 8,
+      p - 12 = 92), then p and each state copied back (4 B read + elt written each); in bf16
+      each of p, g and the states is first converted to fp32 (elt read + 4 B written). The
+      pieces keep those temporaries in cache, so these bytes overstate what reaches DRAM. On CPU
+      Adagrad's torch path is torch's fused Adagrad instead (fused row).
     Totals with clip, fp32: SGD 11 / 8 / 7 / 6, Adam 21 / 10 / 9 / 8, AdamW 23 / 10 / 9 / 8 for
     foreach-or-for-loop / fused / fusedopt torch / fusedopt triton: fp32 AdamW is 92 / 40 / 36 /
     32 bytes per element (DESIGN.md's budget: 40 -> 32). torch.compile is counted as the fused
@@ -337,7 +339,8 @@ def bytes_per_element(opt: str, impl: str, elt_size: int, clip: str,
     clip_elems = (1 if ours else 3) if clip != "off" else 0
     if clip == "amp" and impl != "fusedopt (triton)":
         clip_elems += 2
-    if impl == "fusedopt (torch)" and opt in RULE_FP32_BYTES:
+    if impl == "fusedopt (torch)" and opt in RULE_FP32_BYTES \
+            and not (opt == "adagrad" and device_type == "cpu"):
         states = STATE_COPIES[opt]
         moved = RULE_FP32_BYTES[opt] + (1 + states) * (4 + elt_size)  # rule + copies back
         if elt_size != 4:

@@ -62,6 +62,13 @@ def triton_dtype(dtype: torch.dtype):
     return _TRITON_DTYPES[dtype]
 
 
+@triton.jit
+def sign(x):
+    """torch.sign for the rules (triton.language has none): -1, 0 or 1; NaN stays NaN (x * 0.0
+    is 0 for finite x and NaN only for NaN, since an inf x is caught by the comparisons)."""
+    return tl.where(x > 0.0, 1.0, tl.where(x < 0.0, -1.0, x * 0.0))
+
+
 def _jit_rules():
     """fusedopt/rules.py's functions as ``triton.jit`` twins: name -> JITFunction.
 
@@ -71,7 +78,7 @@ def _jit_rules():
     later is seen by those defined before.
     """
     from fusedopt import rules
-    scope = dict(vars(rules), tl=tl)
+    scope = dict(vars(rules), tl=tl, sign=sign)  # rules.sign is torch.sign
     out = {}
     for name, fn in vars(rules).items():
         if isinstance(fn, types.FunctionType) and fn.__module__ == rules.__name__:
