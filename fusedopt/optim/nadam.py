@@ -1,5 +1,6 @@
 """NAdam, as torch.optim.NAdam. Math: rules.nadam_rule, rules.nadam_step."""
 import torch
+from torch.optim.nadam import nadam as torch_nadam
 
 from fusedopt._elementwise import ElementwiseStep, ln, new_state_like, new_step
 from fusedopt.optimizer import class_doc, host_float
@@ -57,6 +58,17 @@ class NAdam(ElementwiseStep, torch.optim.NAdam):
         if mu.device != p.device or mu.dtype != torch.float32:  # a torch.optim checkpoint's
             state["mu_product"] = mu.to(device=p.device, dtype=torch.float32)
         return state
+
+    def _torch_step(self, group, params, grads, states):
+        # for-loop: 197 ms a step on GPT-2 small's shapes against foreach's 220 (2-core EPYC)
+        beta1, beta2 = group["betas"]
+        torch_nadam(params, grads, [st["exp_avg"] for st in states],
+                    [st["exp_avg_sq"] for st in states], [st["mu_product"] for st in states],
+                    [st["step"] for st in states],
+                    decoupled_weight_decay=group["decoupled_weight_decay"], foreach=False,
+                    maximize=group["maximize"], beta1=beta1, beta2=beta2, lr=group["lr"],
+                    weight_decay=group["weight_decay"], momentum_decay=group["momentum_decay"],
+                    eps=group["eps"])
 
     def _init_state(self, group, p, state):
         state["step"] = new_step(p)

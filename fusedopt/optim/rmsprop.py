@@ -1,5 +1,6 @@
 """RMSprop, as torch.optim.RMSprop (centered, momentum). Math: rules.rmsprop_rule."""
 import torch
+from torch.optim.rmsprop import rmsprop as torch_rmsprop
 
 from fusedopt._elementwise import ElementwiseStep, new_state_like, new_step
 from fusedopt.optimizer import class_doc, host_float
@@ -46,6 +47,17 @@ class RMSprop(ElementwiseStep, torch.optim.RMSprop):
         alpha = group["alpha"]
         return (alpha, 1.0 - alpha, group["eps"], host_float(group["weight_decay"]),
                 group["momentum"])
+
+    def _torch_step(self, group, params, grads, states):
+        # for-loop: 269 ms a step on GPT-2 small's shapes against foreach's 357 (2-core EPYC,
+        # fp32, centered with momentum)
+        torch_rmsprop(params, grads, [st["square_avg"] for st in states],
+                      [st["grad_avg"] for st in states] if group["centered"] else [],
+                      [st["momentum_buffer"] for st in states] if group["momentum"] > 0 else [],
+                      [st["step"] for st in states], foreach=False, maximize=group["maximize"],
+                      lr=group["lr"], alpha=group["alpha"], eps=group["eps"],
+                      weight_decay=group["weight_decay"], momentum=group["momentum"],
+                      centered=group["centered"])
 
     def _init_state(self, group, p, state):
         if not state:
