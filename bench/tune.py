@@ -37,6 +37,9 @@ import fusedopt
 import measure  # bench/ is on sys.path when run as `python bench/tune.py`
 import report
 import run
+
+# the optimizers with a Triton kernel to tune (LAMB, Adafactor and Muon have none: _NO_KERNELS)
+KERNEL_OPTIMIZERS = {k: v for k, v in run.OPTIMIZERS.items() if v[1]._NO_KERNELS is None}
 import shapes
 
 # --budget-s counts from here: the imports (torch: a few seconds) fall in gpu_check.sh's margin
@@ -519,7 +522,7 @@ def parse_args(argv=None):
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes, two values a setting: proves the script runs")
     parser.add_argument("--shapes", help=f"one set from bench/shapes.py: {', '.join(shapes.NAMES)}")
-    parser.add_argument("--optimizers", help=f"comma list of {', '.join(run.OPTIMIZERS)}, in order")
+    parser.add_argument("--optimizers", help=f"comma list of {', '.join(KERNEL_OPTIMIZERS)}, in order")
     parser.add_argument("--dtypes", help=f"comma list of {', '.join(run.DTYPES)}")
     parser.add_argument("--steps", type=int, help="timed steps a config (and a confirm round)")
     parser.add_argument("--warmup", type=int, help="untimed steps before them")
@@ -533,7 +536,7 @@ def parse_args(argv=None):
             setattr(args, key, value)
     if args.shapes not in shapes.NAMES:
         parser.error(f"unknown shapes {args.shapes!r}; known: {', '.join(shapes.NAMES)}")
-    report.split_names(parser, args, {"optimizers": run.OPTIMIZERS, "dtypes": run.DTYPES})
+    report.split_names(parser, args, {"optimizers": KERNEL_OPTIMIZERS, "dtypes": run.DTYPES})
     if args.rounds < 0:
         parser.error("--rounds must be >= 0")
     device = torch.device(args.device)
