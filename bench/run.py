@@ -65,14 +65,11 @@ def lion_(params, grads, exp_avgs, *, lr, beta1, beta2, weight_decay, foreach):
     torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta2)
 
 
-class TorchLion(torch.optim.Optimizer):
-    """lion_ as a torch.optim.Optimizer (lion-pytorch's defaults and state key ``exp_avg``), so
-    that GradScaler, torch.compile and the recipes below take it as any torch.optim class.
-    ``foreach=None`` picks foreach for CUDA tensors and the for-loop otherwise, as torch.optim."""
-
-    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, foreach=None):
-        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
-                                      foreach=foreach))
+class _Recipe(torch.optim.Optimizer):
+    """A functional step (lion_, lamb_) as a torch.optim.Optimizer, so that GradScaler,
+    torch.compile and the recipes below take it as any torch.optim class: ``_step_group(group,
+    params with a grad, foreach)`` per group; ``foreach=None`` picks foreach for CUDA tensors and
+    the for-loop otherwise, as torch.optim."""
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -82,17 +79,27 @@ class TorchLion(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
-                if "exp_avg" not in self.state[p]:
-                    self.state[p]["exp_avg"] = torch.zeros_like(p)
-            exp_avgs = [self.state[p]["exp_avg"] for p in params]
             foreach = group["foreach"]
             if foreach is None:
                 foreach = all(p.is_cuda for p in params)
-            lion_(params, [p.grad for p in params], exp_avgs, lr=group["lr"],
-                  beta1=group["betas"][0], beta2=group["betas"][1],
-                  weight_decay=group["weight_decay"], foreach=foreach)
+            self._step_group(group, params, foreach)
         return loss
+
+
+class TorchLion(_Recipe):
+    """lion_ as an optimizer (_Recipe): lion-pytorch's defaults and state key ``exp_avg``."""
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, foreach=None):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
+                                      foreach=foreach))
+
+    def _step_group(self, group, params, foreach):
+        for p in params:
+            if "exp_avg" not in self.state[p]:
+                self.state[p]["exp_avg"] = torch.zeros_like(p)
+        lion_(params, [p.grad for p in params], [self.state[p]["exp_avg"] for p in params],
+              lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
+              weight_decay=group["weight_decay"], foreach=foreach)
 
 
 # -- LAMB's torch recipe ---------------------------------------------------------------------------
@@ -146,37 +153,25 @@ def _lamb_scales(p_norms, u_norms, lr, weight_decay):
     return list((-lr * ratio).unbind())
 
 
-class TorchLAMB(torch.optim.Optimizer):
-    """lamb_ as a torch.optim.Optimizer (Apex's defaults; state ``exp_avg``, ``exp_avg_sq`` and,
-    as Apex, one step count per param group), for the recipes below. ``foreach=None`` picks
-    foreach for CUDA tensors and the for-loop otherwise, as torch.optim."""
+class TorchLAMB(_Recipe):
+    """lamb_ as an optimizer (_Recipe): Apex's defaults; state ``exp_avg``, ``exp_avg_sq`` and,
+    as Apex, one step count per param group."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, *,
                  foreach=None):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       foreach=foreach))
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
-                if not self.state[p]:
-                    self.state[p]["exp_avg"] = torch.zeros_like(p)
-                    self.state[p]["exp_avg_sq"] = torch.zeros_like(p)
-            group["step"] = group.get("step", 0) + 1
-            foreach = group["foreach"]
-            if foreach is None:
-                foreach = all(p.is_cuda for p in params)
-            lamb_(params, [p.grad for p in params], [self.state[p]["exp_avg"] for p in params],
-                  [self.state[p]["exp_avg_sq"] for p in params], step=group["step"],
-                  lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
-                  eps=group["eps"], weight_decay=group["weight_decay"], foreach=foreach)
-        return loss
+    def _step_group(self, group, params, foreach):
+        for p in params:
+            if not self.state[p]:
+                self.state[p]["exp_avg"] = torch.zeros_like(p)
+                self.state[p]["exp_avg_sq"] = torch.zeros_like(p)
+        group["step"] = group.get("step", 0) + 1
+        lamb_(params, [p.grad for p in params], [self.state[p]["exp_avg"] for p in params],
+              [self.state[p]["exp_avg_sq"] for p in params], step=group["step"],
+              lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
+              eps=group["eps"], weight_decay=group["weight_decay"], foreach=foreach)
 
 
 # name -> (torch class, fusedopt class, hyperparameters shared by every implementation). Settings
