@@ -4,15 +4,18 @@ A class declares, as class attributes and three small methods:
 
 - ``_RULE`` / ``_STEP_RULE``: the names of its rule and step rule in rules.py (``_STEP_RULE``
   None when no scalar depends on the step count);
-- ``_STATE``: torch's state keys of the rule's columns s0, s1, s2 (None where unused) and
-  ``_HAS_STEP``: whether it keeps torch's ``state["step"]`` counter;
+- ``_STATE``: torch's state keys of the rule's columns s0, s1, s2 (None where unused),
+  ``_HAS_STEP``: whether it keeps torch's ``state["step"]`` counter, and ``_SCALAR_STATE``: the
+  key of a per-tensor fp32 scalar state the step rule carries (NAdam's ``mu_product``), if any;
 - ``_hyper(group)``: h0..h7 as host floats (float64; ``1 - beta`` and ``ln(beta)`` formed here),
   ``_flags(group)``: F0..F2, ``_columns(group)``: which state columns this group uses (bits);
 - ``_init_state(group, p, state)``: torch's state for a param's first step.
 
 ``ElementwiseStep`` then gives it the Triton rows and launch (kernels/update.py) and a torch path
-(``rule_torch_``: the same rule, one tensor at a time, in fp32 or fp64). SGD and Adam keep
-torch's fused ops on their torch path (adam.py, sgd.py) and take the rest from here.
+(``rule_torch_``: the same rule, one tensor or 2**18-element piece at a time, in fp32 or fp64).
+SGD and Adam keep torch's fused ops on their torch path (optim/adam.py, optim/sgd.py), CPU
+Adagrad torch's fused Adagrad, and fp32/fp64 CPU steps of RMSprop, NAdam, RAdam and Adamax that
+cannot skip torch.optim's own code (``_torch_step``), where those are faster.
 
 Adding an elementwise optimizer: its rule (and step rule) in rules.py, its class with the
 declaration above, its tests. Nothing here or in kernels/ changes.
