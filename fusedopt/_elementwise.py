@@ -217,6 +217,16 @@ def rule_torch_(opt, group, params, grads, columns, steps, firsts, lr, grad_scal
             p.copy_(keep_where(found_inf, p, new_p))
 
 
+def fused_counted_(op, tensors, steps, found_inf, **kwargs):
+    """``op(*tensors, steps, found_inf=found_inf, **kwargs)``: one of torch's fused optimizer ops
+    (Adam, AdamW, Adagrad), which read their step counters already advanced. A skipped step
+    takes them back, on the device (torch's fused Adam does the same under GradScaler)."""
+    torch._foreach_add_(steps, 1)
+    op(*tensors, steps, found_inf=found_inf, **kwargs)
+    if found_inf is not None:
+        torch._foreach_sub_(steps, [found_inf] * len(steps))
+
+
 def new_state_like(p, fill=0.0):
     """A state tensor for p as torch.optim makes it (p's layout; a DTensor like p when p is one)."""
     return torch.full_like(p, fill, memory_format=torch.preserve_format)

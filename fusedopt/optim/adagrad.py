@@ -3,7 +3,8 @@ On CPU the torch path is torch's own fused Adagrad (torch has no fused Adagrad f
 import torch
 
 from fusedopt._distributed import local
-from fusedopt._elementwise import ElementwiseStep, new_state_like, new_step, rule_torch_
+from fusedopt._elementwise import (ElementwiseStep, fused_counted_, new_state_like, new_step,
+                                   rule_torch_)
 from fusedopt._grouping import pick
 from fusedopt.optimizer import class_doc, host_float, scalar_on, split_for_fused_op
 
@@ -63,12 +64,8 @@ class Adagrad(ElementwiseStep, torch.optim.Adagrad):
                         [[sums[i], None, None] for i in rest], pick(steps, rest), [0] * len(rest),
                         lr, grad_scale, found_inf)
         if fused:
-            fused_steps = pick(steps, fused)
-            torch._foreach_add_(fused_steps, 1)
-            torch._fused_adagrad_(pick(ps, fused), pick(grads, fused), pick(sums, fused),
-                                  fused_steps, lr=lr, lr_decay=group["lr_decay"],
-                                  weight_decay=host_float(group["weight_decay"]),
-                                  eps=group["eps"], maximize=group["maximize"],
-                                  grad_scale=grad_scale, found_inf=found_inf)
-            if found_inf is not None:
-                torch._foreach_sub_(fused_steps, [found_inf] * len(fused_steps))
+            fused_counted_(torch._fused_adagrad_,
+                           (pick(ps, fused), pick(grads, fused), pick(sums, fused)),
+                           pick(steps, fused), found_inf, lr=lr, lr_decay=group["lr_decay"],
+                           weight_decay=host_float(group["weight_decay"]), eps=group["eps"],
+                           maximize=group["maximize"], grad_scale=grad_scale)

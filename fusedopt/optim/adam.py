@@ -3,7 +3,8 @@ kernel: the shared update (kernels/update.py)."""
 import torch
 
 from fusedopt._distributed import local
-from fusedopt._elementwise import ElementwiseStep, ln, new_state_like, new_step, rule_torch_
+from fusedopt._elementwise import (ElementwiseStep, fused_counted_, ln, new_state_like, new_step,
+                                   rule_torch_)
 from fusedopt._grouping import pick
 from fusedopt.optimizer import class_doc, host_float, scalar_on, split_for_fused_op
 
@@ -25,17 +26,14 @@ def adam_torch_(opt, group, params, grads, columns, steps, *, lr, grad_scale=Non
                     pick(steps, rest), [0] * len(rest), lr, grad_scale, found_inf)
     if fused:
         beta1, beta2 = group["betas"]
-        fused_steps = pick(steps, fused)
         cols = pick(columns, fused)
-        torch._foreach_add_(fused_steps, 1)
         op = torch._fused_adamw_ if group["decoupled_weight_decay"] else torch._fused_adam_
-        op(pick(params, fused), pick(grads, fused), [c[0] for c in cols], [c[1] for c in cols],
-           [c[2] for c in cols] if amsgrad else [], fused_steps, amsgrad=amsgrad,
-           found_inf=found_inf, lr=lr, beta1=host_float(beta1), beta2=host_float(beta2),
-           weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
-           grad_scale=grad_scale)
-        if found_inf is not None:
-            torch._foreach_sub_(fused_steps, [found_inf] * len(fused_steps))
+        fused_counted_(op, (pick(params, fused), pick(grads, fused), [c[0] for c in cols],
+                            [c[1] for c in cols], [c[2] for c in cols] if amsgrad else []),
+                       pick(steps, fused), found_inf, amsgrad=amsgrad, lr=lr,
+                       beta1=host_float(beta1), beta2=host_float(beta2),
+                       weight_decay=group["weight_decay"], eps=group["eps"],
+                       maximize=group["maximize"], grad_scale=grad_scale)
 
 
 class _AdamStep(ElementwiseStep):
