@@ -41,6 +41,12 @@ def where(condition, x, y):
 
 
 def sqrt(x):
+    """The correctly rounded square root, as numpy's under the interpreter: for fp32 through fp64
+    (exact after rounding back, as 53 >= 2 * 24 + 2 bits). torch 2.13's own CPU fp32 sqrt was 1
+    ulp off for 196k of 1e6 uniform inputs (2-core EPYC), which made the torch path and the
+    interpreter differ."""
+    if isinstance(x, torch.Tensor) and x.dtype == torch.float32:
+        return torch.sqrt(x.double()).float()
     return torch.sqrt(x)
 
 

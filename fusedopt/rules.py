@@ -22,7 +22,12 @@ Every optimizer is two functions with fixed signatures, so that one kernel skele
 (fusedopt/_elementwise.py), formed on the host in float64: ``1 - beta`` is formed there (in fp32,
 1 - fp32(0.999) is 1.3e-5 off 0.001) and ``ln(beta)`` too.
 
-Only operators, the ``tl`` functions sqrt, exp, abs, where, maximum and ``sign`` appear: ``tl`` is
+Only operators, the ``tl`` functions sqrt, exp, abs, where, maximum and ``sign`` appear. On fp32,
+tl.sqrt compiles to ``sqrt.approx.ftz.f32`` on sm_80/90 (triton 3.9) and is numpy's correctly
+rounded sqrt under the interpreter; the torch twin rounds correctly too (_torch_lang.sqrt), so
+that the torch path and the interpreter agree bit for bit. tl.sqrt_rn (IEEE, as torch's CUDA ops)
+gave fp16 Adagrad's update an 8-byte stack frame on sm_90 (its slow-path call), so the kernels
+keep the approximate one: within ~1 ulp of IEEE. ``tl`` is
 triton.language in the kernel and fusedopt/_torch_lang.py here. ``sign`` is torch.sign here
 and kernels/_common.sign (the same values, NaN kept) in the kernels, which triton.language lacks:
 on the CPU torch path two torch.where calls cost 20x one torch.sign (Lion took 714 ms a step on

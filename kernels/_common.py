@@ -156,7 +156,7 @@ def total_norm(partials_ptr, n_partials, NORM: tl.constexpr, NUM_PARTIALS: tl.co
         else:
             acc = max_nan(acc, part)
     if NORM == 2:
-        return tl.sqrt(tl.sum(acc, axis=0))
+        return tl.sqrt_rn(tl.sum(acc, axis=0))  # IEEE, as torch's norm (tl.sqrt: approx.ftz)
     return max_nan_reduce(acc)
 
 
