@@ -19,17 +19,53 @@ cannot skip torch.optim's own code (``_torch_step``), where those are faster.
 
 Adding an elementwise optimizer: its rule (and step rule) in rules.py, its class with the
 declaration above, its tests. Nothing here or in kernels/ changes.
+
+Every such class also takes the memory-lean options (``_init_memory``), kept per param group:
+``state_dtype`` (the state columns' dtype; default the param's, as torch), ``master_weights``
+(bf16 params keep an int16 ``master_remainder`` that makes them an exact fp32 master, fp16 params
+an fp32 ``master_param`` copy), ``stochastic_rounding`` (every bf16/fp16 store of a param or state
+value rounds stochastically, from counter-based bits: fusedopt/rounding.py; a class without a step
+counter keeps one then, since the bits need it) and ``rounding_seed``. A (group, dtype) that uses
+any of them steps through the rule on the torch path (torch's fused ops cannot), and through the
+same kernel with the STATE_DTYPE / MASTER / SR constexprs on Triton.
 """
 import math
 
 import torch
 
-from fusedopt._distributed import local
+from fusedopt._distributed import local, wrap_like
 from fusedopt.nonfinite import keep_where
 from fusedopt.optimizer import ClippedStep, compute_dtype, kernel_lr, scalar_on
-from fusedopt import rules
+from fusedopt import rounding, rules
 
 N_HYPER = 8
+
+# the master column (kernels/update.py's MASTER constexpr)
+MASTER_NONE, MASTER_REMAINDER, MASTER_COPY = 0, 1, 2
+REMAINDER_KEY, MASTER_KEY = "master_remainder", "master_param"
+STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+MEMORY_OPTIONS = ("stochastic_rounding", "master_weights", "state_dtype", "rounding_seed")
+
+
+def draw_seed() -> int:
+    """A rounding seed from torch's default generator (so torch.manual_seed fixes it)."""
+    return int(torch.randint(0, 2 ** 31 - 1, (), dtype=torch.int64))
+
+
+def check_memory_options(name: str, group: dict) -> None:
+    """The memory-lean options of a param group, refused with the problem named."""
+    for key in ("stochastic_rounding", "master_weights"):
+        if not isinstance(group[key], bool):
+            raise TypeError(f"fusedopt.{name}: {key} must be True or False, got {group[key]!r}")
+    dtype = group["state_dtype"]
+    if dtype is not None and dtype not in STATE_DTYPES:
+        raise TypeError(
+            f"fusedopt.{name}: state_dtype must be None (the param's dtype, as torch.optim), "
+            f"torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
+    seed = group["rounding_seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+        raise TypeError(f"fusedopt.{name}: rounding_seed must be an int in [0, 2**63), got {seed!r}")
 
 
 def ln(beta: float) -> float:
@@ -55,6 +91,86 @@ class ElementwiseStep(ClippedStep):
     _HAS_STEP = True
     _SCALAR_STATE: str | None = None  # torch's key of a per-tensor fp32 scalar state (NAdam)
 
+    # -- the memory-lean options (module docstring) -------------------------------------------------
+
+    def _init_memory(self, stochastic_rounding, master_weights, state_dtype, rounding_seed) -> None:
+        """Called before torch's constructor: the options become defaults of every param group
+        (add_param_group), so that they travel in state_dict() and can differ per group."""
+        self._memory_defaults = dict(
+            stochastic_rounding=stochastic_rounding, master_weights=master_weights,
+            state_dtype=state_dtype,
+            rounding_seed=draw_seed() if rounding_seed is None else rounding_seed)
+
+    def add_param_group(self, param_group: dict) -> None:
+        for key, value in self._memory_defaults.items():
+            self.defaults.setdefault(key, value)  # after torch's own: torch fills groups from it
+        if isinstance(param_group, dict):
+            check_memory_options(type(self).__name__, {**self.defaults, **param_group})
+        super().add_param_group(param_group)
+
+    def load_state_dict(self, state_dict) -> None:
+        """torch's, then: groups saved without the memory options (a torch.optim checkpoint) take
+        the constructor's; state columns go back to the saved values' dtype where torch cast them
+        to the param's (an fp32 exp_avg of a bf16 param would lose its low bits), and are then
+        made the group's state_dtype at the next step (``_state_for``)."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for key, value in self._memory_defaults.items():
+                group.setdefault(key, value)
+        saved = state_dict["state"]
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(ids, params):
+            for key, value in saved.get(i, {}).items():
+                mine = self.state[p].get(key) if p in self.state else None
+                if (isinstance(value, torch.Tensor) and isinstance(mine, torch.Tensor)
+                        and key != "step" and value.dtype != mine.dtype):
+                    self.state[p][key] = value.to(device=mine.device, dtype=value.dtype)
+
+    def _own_state(self) -> dict:  # pickle, deepcopy: the options for groups added later too
+        return dict(super()._own_state(), _memory_defaults=self._memory_defaults)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        defaults = getattr(self, "_memory_defaults", None)
+        if defaults is None:  # pickled before the options existed
+            self._memory_defaults = defaults = dict(stochastic_rounding=False,
+                                                    master_weights=False, state_dtype=None,
+                                                    rounding_seed=draw_seed())
+        for group in self.param_groups:
+            for key, value in defaults.items():
+                group.setdefault(key, value)
+
+    def _memory(self, group, dtype):
+        """(state dtype, master kind, stochastic rounding) of ``group``'s params of ``dtype``."""
+        state_dtype = group["state_dtype"] or dtype
+        master = MASTER_NONE
+        if group["master_weights"]:
+            master = {torch.bfloat16: MASTER_REMAINDER, torch.float16: MASTER_COPY}.get(dtype, 0)
+        return state_dtype, master, group["stochastic_rounding"]
+
+    def _lean(self, group, dtype) -> bool:
+        """Whether these params need the memory-lean rule path (torch's fused ops cannot)."""
+        state_dtype, master, sr = self._memory(group, dtype)
+        return sr or master != MASTER_NONE or (state_dtype != dtype and self._columns(group) != 0)
+
+    def _has_step(self, group) -> bool:
+        """A step counter: the class's, or one kept for stochastic rounding's bits."""
+        return self._HAS_STEP or group["stochastic_rounding"]
+
+    def _rounding_key(self, group, p) -> int:
+        """fusedopt/rounding.tensor_key of p: its position among all params (state_dict ids)."""
+        positions = self.__dict__.get("_positions")
+        if positions is None or id(p) not in positions:
+            positions = self._positions = {
+                id(q): i for i, q in enumerate(q for g in self.param_groups for q in g["params"])}
+        return rounding.tensor_key(group["rounding_seed"], positions[id(p)])
+
+    def _first_step(self, group, p, state) -> int:
+        """1 when p's first step makes a state column from the gradient (SGD's buffer = g); the
+        class makes that column here, uninitialised."""
+        return 0
+
     # -- declaration defaults ----------------------------------------------------------------------
 
     def _columns(self, group) -> int:
@@ -69,17 +185,48 @@ class ElementwiseStep(ClippedStep):
     def _state_for(self, group, p):
         """p's state, made as torch makes it on a first step (``_init_state``); a step counter
         moved to p's device as fp32, where the kernels and the torch path read it (a torch.optim
-        state_dict keeps it on the CPU)."""
+        state_dict keeps it on the CPU); the state columns in the group's state dtype, and the
+        master column made (from p: remainder 0) or dropped as ``master_weights`` says."""
         state = self.state[p]
         columns = self._columns(group)
         if not state or any(columns >> i & 1 and key not in state
                             for i, key in enumerate(self._STATE)):
             self._init_state(group, p, state)
-        if self._HAS_STEP:
-            step = state["step"]
-            if step.device != p.device or step.dtype != torch.float32:
+        if self._has_step(group):
+            step = state.get("step")
+            if step is None:  # stochastic rounding in a class without a counter (SGD, Lion)
+                state["step"] = new_step(p)
+            elif step.device != p.device or step.dtype != torch.float32:
                 state["step"] = step.to(device=p.device, dtype=torch.float32)
+        state_dtype, master, _ = self._memory(group, p.dtype)
+        for i, key in enumerate(self._STATE):
+            value = state.get(key) if columns >> i & 1 else None
+            if value is not None and value.dtype != state_dtype:
+                state[key] = value.to(state_dtype)
+        for kind, key in ((MASTER_REMAINDER, REMAINDER_KEY), (MASTER_COPY, MASTER_KEY)):
+            if master == kind and key not in state:
+                state[key] = (torch.zeros_like(p, dtype=torch.int16) if kind == MASTER_REMAINDER
+                              else p.detach().to(torch.float32, copy=True))
+            elif master != kind and key in state:
+                del state[key]
         return state
+
+    def master_param(self, p) -> torch.Tensor:
+        """p's master value as a new tensor: with ``master_weights``, the fp32 value a bf16 param
+        and its remainder make bit for bit (or an fp16 param's fp32 copy); else p itself in its
+        compute dtype (fp32, or fp64). What a checkpoint for fp32 training elsewhere (torch.optim
+        with fp32 params) takes as the weights: ``p32.copy_(opt.master_param(p))``."""
+        state = self.state.get(p, {})
+        remainder, copy = state.get(REMAINDER_KEY), state.get(MASTER_KEY)
+        if remainder is not None:
+            return wrap_like(p, rounding.join_bf16(local(p).detach(), local(remainder)))
+        if copy is not None:
+            return copy.detach().clone()
+        return p.detach().to(compute_dtype(p.dtype), copy=True)
+
+    def _master_of(self, state):
+        """p's master column (remainder or fp32 copy), or None."""
+        return state.get(REMAINDER_KEY, state.get(MASTER_KEY))
 
     def _state_tensors(self, group, state, p):
         """[s0, s1, s2] of one param (None where unused)."""
@@ -89,26 +236,34 @@ class ElementwiseStep(ClippedStep):
     # -- the Triton backend: rows and launch (fusedopt/_triton_step.py) --------------------------------
 
     def _row_flags(self, group):
-        return self._flags(group), self._columns(group)
+        return (self._flags(group), self._columns(group),
+                tuple(group[key] for key in MEMORY_OPTIONS))
 
     def _kernel_row(self, group, p):
-        """(element tensors p, s0, s1, s2; scalar tensors [step]; ints [first]) of p's row
-        (kernels/update.py): p's address stands in for unused columns (never read)."""
+        """(element tensors p, s0, s1, s2, master; scalar tensors [step[, scalar state]]; ints
+        [first, rounding key]) of p's row (kernels/update.py): p's address stands in for unused
+        columns (never read)."""
+        first = self._first_step(group, p, self.state[p])
         state = self._state_for(group, p)
-        tensors = [p] + [p if s is None else s for s in self._state_tensors(group, state, p)]
-        scalars = [state["step"]] if self._HAS_STEP else []
+        master = self._master_of(state)
+        tensors = [p] + [p if s is None else s for s in self._state_tensors(group, state, p)] \
+            + [p if master is None else master]
+        scalars = [state["step"]] if self._has_step(group) else []
         if self._SCALAR_STATE is not None:
             scalars.append(state[self._SCALAR_STATE])
-        return tensors, scalars, [0]
+        key = self._rounding_key(group, p) if group["stochastic_rounding"] else 0
+        return tensors, scalars, [first, key]
 
-    def _spec(self, group):
+    def _spec(self, group, dtype):
         return (self._RULE, self._STEP_RULE, self._columns(group),
-                _pad(self._flags(group), 3, False), self._HAS_STEP, self._SCALAR_STATE is not None)
+                _pad(self._flags(group), 3, False), self._has_step(group),
+                self._SCALAR_STATE is not None, *self._memory(group, dtype))
 
     def _launch_update_(self, group, table, clip, grid, num_warps):
         from fusedopt.kernels.update import update_
-        update_(table, clip, self._spec(group), hyper_buffer(table, self._hyper(group)),
-                kernel_lr(group["lr"], table.device), grid, num_warps)
+        update_(table, clip, self._spec(group, table.dtype),
+                hyper_buffer(table, self._hyper(group)), kernel_lr(group["lr"], table.device),
+                grid, num_warps)
 
     # -- the torch path ------------------------------------------------------------------------------
 
@@ -122,20 +277,30 @@ class ElementwiseStep(ClippedStep):
     _torch_step = None
 
     def _update_(self, group, params, grads, grad_scale, device, found_inf=None):
-        states = [self._state_for(group, p) for p in params]
         if device.type == "cpu" and found_inf is None and self._torch_step is not None \
-                and params and params[0].dtype in (torch.float32, torch.float64):
+                and params and params[0].dtype in (torch.float32, torch.float64) \
+                and not self._lean(group, params[0].dtype):
+            states = [self._state_for(group, p) for p in params]
             if grad_scale is not None:  # the clip, written back as the fused ops write it
                 torch._foreach_div_(grads, grad_scale)
             self._torch_step(group, list(map(local, params)), grads,
                              [{k: local(v) for k, v in st.items()} for st in states])
             return
+        self._update_rule_(group, params, grads, grad_scale, device, found_inf)
+
+    def _update_rule_(self, group, params, grads, grad_scale, device, found_inf=None):
+        """The rule on the torch path (rule_torch_), every option included."""
+        firsts = [self._first_step(group, p, self.state[p]) for p in params]
+        states = [self._state_for(group, p) for p in params]
+        sr = group["stochastic_rounding"]
         rule_torch_(self, group, list(map(local, params)), grads,
                     [[None if s is None else local(s) for s in self._state_tensors(group, st, p)]
                      for st, p in zip(states, params)],
-                    [st["step"] for st in states] if self._HAS_STEP else None,
-                    [0] * len(params), scalar_on(group["lr"], device), grad_scale, found_inf,
-                    [st[self._SCALAR_STATE] for st in states] if self._SCALAR_STATE else None)
+                    [st["step"] for st in states] if self._has_step(group) else None,
+                    firsts, scalar_on(group["lr"], device), grad_scale, found_inf,
+                    [st[self._SCALAR_STATE] for st in states] if self._SCALAR_STATE else None,
+                    [None if m is None else local(m) for m in map(self._master_of, states)],
+                    [self._rounding_key(group, p) for p in params] if sr else None)
 
 
 def hyper_buffer(table, values) -> torch.Tensor:
@@ -165,33 +330,51 @@ CHUNK = 1 << 18
 
 
 def _pieces(tensors):
-    """The tensors (None kept) cut into matching flat pieces of CHUNK elements when all are
-    contiguous; else whole, once."""
+    """(start, the tensors (None kept) cut into matching flat pieces of CHUNK elements from
+    element ``start``) when all are contiguous; else (0, whole tensors), once."""
     live = [t for t in tensors if t is not None]
     n = live[0].numel()
     if n <= CHUNK or not all(t.is_contiguous() for t in live):
-        yield tensors
+        yield 0, tensors
         return
     flat = [None if t is None else t.view(-1) for t in tensors]
     for start in range(0, n, CHUNK):
-        yield [None if t is None else t[start:start + CHUNK] for t in flat]
+        yield start, [None if t is None else t[start:start + CHUNK] for t in flat]
+
+
+def _store_(dst, value, found_inf, bits):
+    """``dst`` (a param or state piece) set to fp32/fp64 ``value``: rounded stochastically with
+    ``bits(column)`` when that is given and ``dst`` is bf16/fp16, else as copy_ rounds (to
+    nearest even, as the kernels' round_to); the old value kept where ``found_inf``."""
+    if bits is not None and dst.dtype in LOW_PRECISION:
+        value = rounding.stochastic_round(value, dst.dtype, bits)
+    dst.copy_(keep_where(found_inf, dst, value))
 
 
 def rule_torch_(opt, group, params, grads, columns, steps, firsts, lr, grad_scale=None,
-                found_inf=None, scalar_states=None):
+                found_inf=None, scalar_states=None, masters=None, keys=None):
     """One step of ``opt``'s rule over tensors of one (device, dtype), one tensor (or CHUNK-sized
     piece of one) at a time, in fp32 (fp64 for fp64), any layout, with the fused ops' contract:
     each grad is divided by ``grad_scale`` and written back; ``found_inf`` (0-dim fp32, 0 or 1)
     keeps every old value, step counters included, on the device. ``columns[i]``: [s0, s1, s2]
-    of param i (None where unused), updated in place; ``steps``: fp32 0-dim counters (None
-    without), advanced here; ``scalar_states``: the fp32 0-dim scalar states (None without), set
-    to the step rule's c3. No host read: the step scalars are formed on the device from the
-    counter, in float64."""
+    of param i (None where unused; any dtype), updated in place; ``steps``: fp32 0-dim counters
+    (None without), advanced here; ``firsts[i]``: 1 when a column is made on this step (SGD's
+    buffer: zero if the step is skipped); ``scalar_states``: the fp32 0-dim scalar states (None
+    without), set to the step rule's c3. ``masters[i]``: param i's int16 remainder or fp32 copy
+    (None without, or None); ``keys``: the rounding keys when rounding stochastically (None: to
+    nearest). No host read: the step scalars and the random bits are formed on the device from the
+    counter."""
     rule = getattr(rules, opt._RULE)
     step_rule = getattr(rules, opt._STEP_RULE) if opt._STEP_RULE else None
     hyper = _pad(map(float, opt._hyper(group)), N_HYPER, 0.0)
     flags = _pad(opt._flags(group), 3, False)
     lr64 = lr.double() if isinstance(lr, torch.Tensor) else float(lr)
+    if params and compute_dtype(params[0].dtype) == torch.float32 and isinstance(lr64, float):
+        # the step scalars from lr as the kernels take a float lr (an fp32 argument), so that
+        # both paths round the same: a 1e-3 lr otherwise made 6 of 4017 AdamW results 1-3 fp32
+        # ulps apart after 3 steps (torch.optim's lr / bias_correction1 differs from this in
+        # its 8th significant digit at most)
+        lr64 = float(torch.tensor(lr64, dtype=torch.float32))
     for i, (param, grad) in enumerate(zip(params, grads)):
         acc = compute_dtype(param.dtype)
         c = (0.0,) * 4
@@ -204,17 +387,39 @@ def rule_torch_(opt, group, params, grads, columns, steps, firsts, lr, grad_scal
                     scalar_states[i].copy_(keep_where(found_inf, scalar_states[i], c[3]))
                 c = tuple(x.to(acc) if isinstance(x, torch.Tensor) else x for x in c)
             step.add_(1.0 if found_inf is None else 1.0 - found_inf)
-        for p, g, *old in _pieces([param, grad, *columns[i]]):
+        stream = None if keys is None else rounding.stream(keys[i], steps[i])
+        master = None if masters is None else masters[i]
+        if firsts[i] and found_inf is not None:  # a skipped first step leaves the column zero
+            for s in columns[i]:
+                if s is not None:
+                    s.zero_()
+        for start, (p, g, m, *old) in _pieces([param, grad, master, *columns[i]]):
+            bits = None if stream is None else (
+                lambda col, p=p, start=start: rounding.random_bits(stream, col, start, p.shape))
             g_acc = g.to(acc)
             if grad_scale is not None:
                 g_acc = g_acc / grad_scale
                 g.copy_(g_acc)
             values = [0.0 if s is None else s.to(acc) for s in old]
-            new_p, *new = rule(p.to(acc), g_acc, *values, *c, firsts[i], lr, *hyper, *flags)
-            for s, v in zip(old, new):
+            if m is None:
+                p_acc = p.to(acc)
+            elif m.dtype == torch.int16:
+                p_acc = rounding.join_bf16(p, m).to(acc)
+            else:
+                p_acc = m.to(acc)
+            new_p, *new = rule(p_acc, g_acc, *values, *c, firsts[i], lr, *hyper, *flags)
+            for col, (s, v) in enumerate(zip(old, new), start=1):
                 if s is not None:
-                    s.copy_(keep_where(found_inf, s, v))
-            p.copy_(keep_where(found_inf, p, new_p))
+                    _store_(s, v, found_inf, bits and bits(col))
+            if m is None:
+                _store_(p, new_p, found_inf, bits and bits(0))
+            elif m.dtype == torch.int16:
+                hi, rem = rounding.split_bf16(new_p.float())
+                m.copy_(keep_where(found_inf, m, rem))
+                p.copy_(keep_where(found_inf, p, hi))
+            else:
+                m.copy_(keep_where(found_inf, m, new_p))
+                p.copy_(keep_where(found_inf, p, new_p))
 
 
 def fused_counted_(op, tensors, steps, found_inf, **kwargs):

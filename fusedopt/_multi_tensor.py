@@ -20,16 +20,19 @@ import torch
 PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
-def tensors_fit_kernel(tensors: list[torch.Tensor], dtypes, device: torch.device) -> bool:
+def tensors_fit_kernel(tensors: list[torch.Tensor], dtypes, device: torch.device,
+                       same_dtype: bool = True) -> bool:
     """Whether one row of tensors (param, grad, state...) can go through a kernel: plain tensors
-    (PLAIN_TYPES) on ``device``, same dtype in ``dtypes`` (fp64 cannot), same numel and not
-    empty (an empty tensor has no block to advance Adam's counter: the torch path does it),
-    contiguous, 16-byte aligned (the kernels use 128-bit accesses). Others take the torch path,
-    tensor by tensor."""
+    (PLAIN_TYPES) on ``device``, dtypes in ``dtypes`` (fp64 cannot), the same one unless
+    ``same_dtype`` is False (a row's state dtype and master column are the class's to keep
+    consistent: fusedopt/_elementwise.py), same numel and not empty (an empty tensor has no
+    block to advance Adam's counter: the torch path does it), contiguous, 16-byte aligned (the
+    kernels use 128-bit accesses). Others take the torch path, tensor by tensor."""
     first = tensors[0]
     n = first.numel()
     return n > 0 and first.dtype in dtypes and all(
-        type(t) in PLAIN_TYPES and t.device == device and t.dtype == first.dtype
+        type(t) in PLAIN_TYPES and t.device == device and t.dtype in dtypes
+        and (t.dtype == first.dtype or not same_dtype)
         and t.numel() == n and t.is_contiguous() and t.data_ptr() % 16 == 0 for t in tensors)
 
 

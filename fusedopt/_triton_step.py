@@ -104,6 +104,8 @@ class _DtypeLaunches:
         self.numels = []
         self.updates = []  # (param group index, LaunchTable)
         self.norm = None
+        self.has_step = False  # some row's step counter advances in the norm pass
+        self.scratch = None  # the step slot of rows without a counter in such a launch
 
     def add(self, gi, picker, rows, norm_rows, numels):
         self.segments.append((gi, picker, len(rows), rows, norm_rows, numels))
@@ -124,6 +126,13 @@ class _DtypeLaunches:
             # the norm pass reads the whole grad table: an empty row (no block) stands for a pad
             norm_rows.extend(norms + [[0] * len(norms[0])] * pad)
             norm_numels.extend(numels + [0] * pad)
+        # param groups with and without a step counter in one launch (SGD with stochastic
+        # rounding in one group only): the others advance a scratch slot nobody reads
+        width = max(map(len, norm_rows))
+        self.has_step = width > 1
+        if any(len(row) < width for row in norm_rows):
+            self.scratch = torch.zeros(1, dtype=torch.float32, device=self.device)
+            norm_rows = [row + [self.scratch.data_ptr()] * (width - len(row)) for row in norm_rows]
         self.norm = LaunchTable(self.device, self.dtype, cfg.block_size, norm_rows, norm_numels)
         self.norm.grid = norm_grid(self.device, self.norm.n_blocks, cfg.num_partials)
 
@@ -221,7 +230,9 @@ class StepPlan:
                 if tensors_fit_kernel([local(p), local(p.grad)], KERNEL_DTYPES, device):
                     row = opt._kernel_row(group, p)  # may create p's state
                     tensors, scalars, _ = row
-                    if not (tensors_fit_kernel(list(map(local, tensors)), KERNEL_DTYPES, device)
+                    if not (tensors_fit_kernel(list(map(local, tensors)),
+                                               KERNEL_DTYPES + (torch.int16,), device,
+                                               same_dtype=False)
                             and scalars_fit_kernel(scalars, device)):
                         row = None
                 if row is None:
@@ -234,8 +245,8 @@ class StepPlan:
                 idx, rows, norm_rows, numels = by_dtype.setdefault(p.dtype, ([], [], [], []))
                 idx.append(i)
                 numels.append(numel)
-                # kernels/update.py's columns: p, s0, s1, s2, step (0: none), numel, first,
-                # scalar state (0: none), its snapshot slot (set below)
+                # kernels/update.py's columns: p, s0, s1, s2, master, step (0: none), numel,
+                # first, rounding key, scalar state (0: none), its snapshot slot (set below)
                 rows.append([local(t).data_ptr() for t in tensors]
                             + [scalars[0].data_ptr() if scalars else 0, numel] + ints
                             + [scalars[1].data_ptr() if len(scalars) > 1 else 0, 0])
@@ -349,8 +360,8 @@ class StepPlan:
         for slot, (launch, ptrs) in enumerate(zip(self.launches, per_dtype)):
             launch.refresh_grads(ptrs)
             launch.flat_ptrs = ptrs
-            if clipping or opt._HAS_STEP or clip.detect:
-                norm_pass_(launch.norm, clip, slot, launch.dtype, opt.max_grad_value, opt._HAS_STEP,
+            if clipping or launch.has_step or clip.detect:
+                norm_pass_(launch.norm, clip, slot, launch.dtype, opt.max_grad_value, launch.has_step,
                            opt._SCALAR_STATE is not None, launch.norm.grid, cfg.num_warps)
         if fallback_grads:
             # copies: the torch path unscales and clamps in place, and .grad stays as it was

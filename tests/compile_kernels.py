@@ -90,17 +90,21 @@ DECLARED = {  # Adam's is AdamW's too
 }
 
 
-def update(rule, dtype, norm, states, *, value=False, lr_ptr=False, guard=NO_GUARD, **flags):
+def update(rule, dtype, norm, states, *, value=False, lr_ptr=False, guard=NO_GUARD,
+           state_dtype=None, master=0, sr=False, **flags):
     """The constexprs of an update launch of ``rule`` (a key of DECLARED); ``states``: the bits
-    of the state columns used; ``flags``: the rule's flags by name, the rest False."""
+    of the state columns used; ``flags``: the rule's flags by name, the rest False. The
+    memory-lean layout: the state columns' dtype (default the param's), the master column
+    (kernels/update.py's MASTER_*) and stochastic rounding, which keeps a step counter."""
     r = DECLARED[rule]
     if set(flags) - set(r.flags):
         raise ValueError(f"{rule} has no flags {sorted(set(flags) - set(r.flags))}")
     f = [flags.get(name, False) for name in r.flags] + [False] * (3 - len(r.flags))
     # without a step rule the skeleton gets the rule itself in STEP_RULE, never called
     return dict(RULE=r.rule, STEP_RULE=r.step_rule or r.rule, STATES=states,
-                HAS_STEP=r.has_step, STEP_SCALARS=r.step_rule is not None,
-                SCALAR_STATE=r.scalar_state, F0=f[0], F1=f[1], F2=f[2], DTYPE=dtype, NORM=norm,
+                HAS_STEP=r.has_step or sr, STEP_SCALARS=r.step_rule is not None,
+                SCALAR_STATE=r.scalar_state, F0=f[0], F1=f[1], F2=f[2], DTYPE=dtype,
+                STATE_DTYPE=state_dtype or dtype, MASTER=master, SR=sr, NORM=norm,
                 VALUE_CLIP=value, **guard, LR_FROM_PTR=lr_ptr, **SIZES)
 
 
@@ -157,6 +161,21 @@ VARIANTS = {
     "lion-fp32-clip-maximize": update("lion", F32, L2, 1, lr_ptr=True, maximize=True),
     "lion-fp32-plain": update("lion", F32, NONE, 1),
     "lion-bf16-clip-amp-torch": update("lion", B16, L2, 1, guard=AMP_TORCH),
+    # memory-lean (fusedopt/_elementwise.py): stochastic rounding, bf16 remainders (MASTER 1),
+    # fp16 fp32 copies (MASTER 2), state columns in another dtype than the param
+    "adamw-bf16-sr-clip": update("adam", B16, L2, 3, sr=True, decoupled=True),
+    "adamw-bf16-remainder-clip-amp-fused": update("adam", B16, L2, 3, guard=AMP_FUSED, master=1,
+                                                  decoupled=True),
+    "adamw-fp16-copy-bf16-states-sr": update("adam", F16, L2, 3, state_dtype=B16, master=2,
+                                             sr=True, decoupled=True),
+    "adam-fp32-bf16-states-sr-amsgrad": update("adam", F32, NONE, 7, state_dtype=B16, sr=True,
+                                               amsgrad=True),
+    "sgd-bf16-momentum-sr-clip": update("sgd", B16, L2, 1, sr=True, momentum=True),
+    "norm-bf16-l2-step": norm(B16, L2, False, True, 2),
+    "rmsprop-fp32-bf16-states-centered-momentum-sr": update("rmsprop", F32, L2, 7,
+                                                            state_dtype=B16, sr=True,
+                                                            centered=True, momentum=True),
+    "lion-bf16-remainder-fp32-states": update("lion", B16, NONE, 1, state_dtype=F32, master=1),
 }
 
 
@@ -217,6 +236,20 @@ STEPS = [
          dict(maximize=True, lr=LR, weight_decay=0.1, **CLIP)),
     Step("lion-fp32-plain", None, "Lion", FP32, {}),
     Step("lion-bf16-clip-amp-torch", None, "Lion", BF16, CLIP, "torch"),
+    Step("adamw-bf16-sr-clip", None, "AdamW", BF16, dict(stochastic_rounding=True, **CLIP)),
+    Step("adamw-bf16-remainder-clip-amp-fused", None, "AdamW", BF16,
+         dict(master_weights=True, **CLIP), "fusedopt"),
+    Step("adamw-fp16-copy-bf16-states-sr", None, "AdamW", FP16,
+         dict(master_weights=True, stochastic_rounding=True, state_dtype=BF16, **CLIP)),
+    Step("adam-fp32-bf16-states-sr-amsgrad", None, "Adam", FP32,
+         dict(amsgrad=True, stochastic_rounding=True, state_dtype=BF16)),
+    # SGD keeps a step counter for the rounding's bits: its norm pass advances it
+    Step("sgd-bf16-momentum-sr-clip", "norm-bf16-l2-step", "SGD", BF16,
+         dict(momentum=0.9, stochastic_rounding=True, **CLIP)),
+    Step("rmsprop-fp32-bf16-states-centered-momentum-sr", None, "RMSprop", FP32,
+         dict(stochastic_rounding=True, state_dtype=BF16, **CENTERED, **CLIP)),
+    Step("lion-bf16-remainder-fp32-states", None, "Lion", BF16,
+         dict(master_weights=True, state_dtype=FP32)),
 ]
 # Two param groups, the first with an odd number of tensors: were the second group's grad
 # addresses an int64 slice right after the first's, 8 bytes past a 16-byte boundary, the runtime

@@ -25,7 +25,9 @@ def test_signature_is_torch_signature_plus_clip_options(name):
         assert (ours[arg].default, ours[arg].kind) == (p.default, p.kind), arg
     extras = {k: ours[k].default for k in ours if k not in theirs}
     assert extras == dict(max_grad_norm=None, norm_type=2.0, max_grad_value=None,
-                          nonfinite="propagate", backend=None, norm_group=None)
+                          nonfinite="propagate", backend=None, norm_group=None,
+                          stochastic_rounding=False, master_weights=False, state_dtype=None,
+                          rounding_seed=None)
     assert all(ours[k].kind == inspect.Parameter.KEYWORD_ONLY for k in extras)
     assert issubclass(OUR_CLASSES[name], TORCH_CLASSES[name])
 

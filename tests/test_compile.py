@@ -58,6 +58,17 @@ TRAFFIC = {
     "lion-fp32-clip-maximize": (3, 2, 4),
     "lion-fp32-plain": (3, 2, 4),
     "lion-bf16-clip-amp-torch": (3, 2, 2),
+    "norm-bf16-l2-step": (1, 0, 2),
+    # mixed element sizes: (bytes of each tensor read, bytes of each tensor written); a bf16
+    # remainder master reads and writes p and the int16 remainder, an fp16 copy master reads the
+    # fp32 copy in place of p and writes both
+    "adamw-bf16-sr-clip": ((2, 2, 2, 2), (2, 2, 2)),
+    "adamw-bf16-remainder-clip-amp-fused": ((2, 2, 2, 2, 2), (2, 2, 2, 2)),
+    "adamw-fp16-copy-bf16-states-sr": ((2, 4, 2, 2), (2, 4, 2, 2)),
+    "adam-fp32-bf16-states-sr-amsgrad": ((4, 4, 2, 2, 2), (4, 2, 2, 2)),
+    "sgd-bf16-momentum-sr-clip": ((2, 2, 2), (2, 2)),
+    "rmsprop-fp32-bf16-states-centered-momentum-sr": ((4, 4, 2, 2, 2), (4, 2, 2, 2)),
+    "lion-bf16-remainder-fp32-states": ((2, 2, 2, 4), (2, 2, 4)),
 }
 # variants whose rule takes a NaN-keeping max of every element: AMSGrad's max(max_exp_avg_sq, v)
 # and Adamax's max(beta2 * exp_inf, |g| + eps)
@@ -74,6 +85,8 @@ NORM_PASS = {
     "sgd-fp32-plain": False,
     "lion-fp32-clip-maximize": True,
     "nadam-fp32-plain": True,
+    "lion-bf16-remainder-fp32-states": False,  # remainders need no counter; rounding does
+    "sgd-bf16-momentum-sr-clip": True,
 }
 
 
@@ -152,8 +165,13 @@ def test_compiles_without_spills(report, variant, arch):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("variant", list(TRAFFIC))
 def test_full_blocks_use_128_bit_accesses(report, variant, arch):
-    reads, writes, elt = TRAFFIC[variant]
-    per_tensor = ELEMENTS_PER_THREAD * elt // 16  # 128-bit accesses per thread per tensor
+    traffic = TRAFFIC[variant]
+    if isinstance(traffic[0], tuple):  # element sizes per tensor
+        reads, writes = (sum(ELEMENTS_PER_THREAD * e // 16 for e in sizes) for sizes in traffic)
+        per_tensor = 1
+    else:
+        reads, writes, elt = traffic
+        per_tensor = ELEMENTS_PER_THREAD * elt // 16  # 128-bit accesses per thread per tensor
     for build in builds(report, variant):
         facts = build[arch]
         # an update that clips also loads the fp32 norm partials 128 bits at a time: not counted

@@ -269,7 +269,8 @@ def test_hyperparameters_are_runtime_values_not_constexpr():
     from fusedopt.kernels.update import _update_kernel
     allowed = {"DTYPE", "NORM", "VALUE_CLIP", "LR_FROM_PTR", "BLOCK", "NUM_PARTIALS", "ROW",
                "HAS_STEP", "UNSCALE", "FOUND_IN", "DETECT", "RULE", "STEP_RULE", "STATES",
-               "STEP_SCALARS", "SCALAR_STATE", "SNAPSHOT", "F0", "F1", "F2"}
+               "STEP_SCALARS", "SCALAR_STATE", "SNAPSHOT", "F0", "F1", "F2", "STATE_DTYPE",
+               "MASTER", "SR"}  # the memory-lean layout: dtypes and columns, not values
     for kernel in (_norm_kernel, _update_kernel):
         fn = getattr(kernel, "fn", kernel)
         names = fn.__code__.co_varnames[:fn.__code__.co_argcount]

@@ -31,8 +31,10 @@ class Adagrad(ElementwiseStep, torch.optim.Adagrad):
     def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0,
                  eps=1e-10, foreach=None, *, maximize=False, differentiable=False, fused=None,
                  max_grad_norm=None, norm_type=2.0, max_grad_value=None, nonfinite="propagate",
-                 backend=None, norm_group=None):
+                 backend=None, norm_group=None, stochastic_rounding=False, master_weights=False,
+                 state_dtype=None, rounding_seed=None):
         self._init_clip(max_grad_norm, norm_type, max_grad_value, nonfinite, backend, norm_group)
+        self._init_memory(stochastic_rounding, master_weights, state_dtype, rounding_seed)
         super().__init__(params, lr, lr_decay, weight_decay, initial_accumulator_value, eps,
                          foreach, maximize=maximize, differentiable=differentiable, fused=fused)
         self._after_torch_init()
@@ -51,7 +53,7 @@ class Adagrad(ElementwiseStep, torch.optim.Adagrad):
         """torch._fused_adagrad_ on CPU, where it is right (split_for_fused_op), as the torch
         recipe's best: 54 ms a step on GPT-2 small's shapes (2-core EPYC) where the rule one
         piece at a time took 199; the rule elsewhere (CUDA, other layouts)."""
-        if device.type != "cpu":
+        if device.type != "cpu" or self._lean(group, params[0].dtype):
             return super()._update_(group, params, grads, grad_scale, device, found_inf)
         states = [self._state_for(group, p) for p in params]
         ps = list(map(local, params))

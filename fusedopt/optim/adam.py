@@ -64,6 +64,8 @@ class _AdamStep(ElementwiseStep):
             state["max_exp_avg_sq"] = new_state_like(p)
 
     def _update_(self, group, params, grads, grad_scale, device, found_inf=None):
+        if self._lean(group, params[0].dtype):
+            return self._update_rule_(group, params, grads, grad_scale, device, found_inf)
         states = [self._state_for(group, p) for p in params]
         adam_torch_(  # on local shards of DTensors (fusedopt/_distributed.py); step is plain
             self, group, list(map(local, params)), grads,
@@ -101,8 +103,10 @@ class Adam(_AdamStep, torch.optim.Adam):
                  *, foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
                  decoupled_weight_decay=False,
                  max_grad_norm=None, norm_type=2.0, max_grad_value=None, nonfinite="propagate",
-                 backend=None, norm_group=None):
+                 backend=None, norm_group=None, stochastic_rounding=False, master_weights=False,
+                 state_dtype=None, rounding_seed=None):
         self._init_clip(max_grad_norm, norm_type, max_grad_value, nonfinite, backend, norm_group)
+        self._init_memory(stochastic_rounding, master_weights, state_dtype, rounding_seed)
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable, differentiable=differentiable,
                          fused=fused, decoupled_weight_decay=decoupled_weight_decay)
@@ -124,8 +128,10 @@ class AdamW(_AdamStep, torch.optim.AdamW):
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
                  differentiable=False, fused=None,
                  max_grad_norm=None, norm_type=2.0, max_grad_value=None, nonfinite="propagate",
-                 backend=None, norm_group=None):
+                 backend=None, norm_group=None, stochastic_rounding=False, master_weights=False,
+                 state_dtype=None, rounding_seed=None):
         self._init_clip(max_grad_norm, norm_type, max_grad_value, nonfinite, backend, norm_group)
+        self._init_memory(stochastic_rounding, master_weights, state_dtype, rounding_seed)
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
                          foreach=foreach, capturable=capturable, differentiable=differentiable,
                          fused=fused)

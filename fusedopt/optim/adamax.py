@@ -28,8 +28,10 @@ class Adamax(ElementwiseStep, torch.optim.Adamax):
     def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  foreach=None, *, maximize=False, differentiable=False, capturable=False,
                  max_grad_norm=None, norm_type=2.0, max_grad_value=None, nonfinite="propagate",
-                 backend=None, norm_group=None):
+                 backend=None, norm_group=None, stochastic_rounding=False, master_weights=False,
+                 state_dtype=None, rounding_seed=None):
         self._init_clip(max_grad_norm, norm_type, max_grad_value, nonfinite, backend, norm_group)
+        self._init_memory(stochastic_rounding, master_weights, state_dtype, rounding_seed)
         super().__init__(params, lr, betas, eps, weight_decay, foreach, maximize=maximize,
                          differentiable=differentiable, capturable=capturable)
         self._after_torch_init()

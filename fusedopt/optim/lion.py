@@ -36,8 +36,10 @@ class Lion(ElementwiseStep, torch.optim.Optimizer):
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *, maximize=False,
                  max_grad_norm=None, norm_type=2.0, max_grad_value=None, nonfinite="propagate",
-                 backend=None, norm_group=None):
+                 backend=None, norm_group=None, stochastic_rounding=False, master_weights=False,
+                 state_dtype=None, rounding_seed=None):
         self._init_clip(max_grad_norm, norm_type, max_grad_value, nonfinite, backend, norm_group)
+        self._init_memory(stochastic_rounding, master_weights, state_dtype, rounding_seed)
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if not 0.0 <= lr:

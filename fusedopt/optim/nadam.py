@@ -37,8 +37,10 @@ class NAdam(ElementwiseStep, torch.optim.NAdam):
                  momentum_decay=4e-3, decoupled_weight_decay=False, *, foreach=None,
                  maximize=False, capturable=False, differentiable=False,
                  max_grad_norm=None, norm_type=2.0, max_grad_value=None, nonfinite="propagate",
-                 backend=None, norm_group=None):
+                 backend=None, norm_group=None, stochastic_rounding=False, master_weights=False,
+                 state_dtype=None, rounding_seed=None):
         self._init_clip(max_grad_norm, norm_type, max_grad_value, nonfinite, backend, norm_group)
+        self._init_memory(stochastic_rounding, master_weights, state_dtype, rounding_seed)
         super().__init__(params, lr, betas, eps, weight_decay, momentum_decay,
                          decoupled_weight_decay, foreach=foreach, maximize=maximize,
                          capturable=capturable, differentiable=differentiable)

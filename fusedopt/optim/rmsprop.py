@@ -31,8 +31,10 @@ class RMSprop(ElementwiseStep, torch.optim.RMSprop):
                  centered=False, capturable=False, foreach=None, maximize=False,
                  differentiable=False, *,
                  max_grad_norm=None, norm_type=2.0, max_grad_value=None, nonfinite="propagate",
-                 backend=None, norm_group=None):
+                 backend=None, norm_group=None, stochastic_rounding=False, master_weights=False,
+                 state_dtype=None, rounding_seed=None):
         self._init_clip(max_grad_norm, norm_type, max_grad_value, nonfinite, backend, norm_group)
+        self._init_memory(stochastic_rounding, master_weights, state_dtype, rounding_seed)
         super().__init__(params, lr, alpha, eps, weight_decay, momentum, centered, capturable,
                          foreach, maximize, differentiable)
         self._after_torch_init()

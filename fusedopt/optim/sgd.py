@@ -121,8 +121,10 @@ class SGD(ElementwiseStep, torch.optim.SGD):
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
                  maximize=False, foreach=None, differentiable=False, fused=None,
                  max_grad_norm=None, norm_type=2.0, max_grad_value=None, nonfinite="propagate",
-                 backend=None, norm_group=None):
+                 backend=None, norm_group=None, stochastic_rounding=False, master_weights=False,
+                 state_dtype=None, rounding_seed=None):
         self._init_clip(max_grad_norm, norm_type, max_grad_value, nonfinite, backend, norm_group)
+        self._init_memory(stochastic_rounding, master_weights, state_dtype, rounding_seed)
         super().__init__(params, lr, momentum, dampening, weight_decay, nesterov, maximize=maximize,
                          foreach=foreach, differentiable=differentiable, fused=fused)
         self._after_torch_init()
@@ -141,17 +143,22 @@ class SGD(ElementwiseStep, torch.optim.SGD):
     def _hyper(self, group):
         return group["momentum"], 1.0 - group["dampening"], host_float(group["weight_decay"])
 
-    def _kernel_row(self, group, p):
-        """p's row; makes the buffer on its first step, flagged so that the kernel sets b = g."""
-        if group["momentum"] == 0:
-            return [p] * 4, [], [0]  # the buffer column is never read
-        state = self.state[p]
-        first = state.get("momentum_buffer") is None  # None: what torch <= 2.0 saved before one
-        if first:
-            state["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
-        return [p, state["momentum_buffer"], p, p], [], [int(first)]
+    def _init_state(self, group, p, state):
+        """torch makes SGD's buffer at the first step, from the gradient (``_first_step``)."""
+
+    def _first_step(self, group, p, state):
+        """1 on p's first step with momentum: its buffer made here, uninitialised, in the state
+        dtype, flagged so that the rule sets b = g."""
+        if group["momentum"] == 0 or state.get("momentum_buffer") is not None:
+            return 0  # None: what torch <= 2.0 saved before a first step
+        dtype = self._memory(group, p.dtype)[0]
+        state["momentum_buffer"] = torch.empty_like(p, dtype=dtype,
+                                                    memory_format=torch.preserve_format)
+        return 1
 
     def _update_(self, group, params, grads, grad_scale, device, found_inf=None):
+        if self._lean(group, params[0].dtype):
+            return self._update_rule_(group, params, grads, grad_scale, device, found_inf)
         momentum = group["momentum"]
         kept = [self.state[p].get("momentum_buffer") for p in params] if momentum != 0 else []
         buffers = list(map(local, kept))  # DTensors step on local shards (fusedopt/_distributed.py)
