@@ -74,6 +74,28 @@ _BACKEND_DOC = {
             class docstring says why): it steps on the torch path on every device, and
             ``"triton"`` is refused with the reason.""",
 }
+# The memory-lean options (fusedopt/_elementwise.py), on every class with a kernel.
+_MEMORY_DOC = {
+    True: """
+        stochastic_rounding (bool): round every bf16/fp16 store of a param or state value
+            stochastically (unbiased: updates below half an ulp still move the value in
+            expectation) instead of to nearest. The random bits are a hash of (rounding_seed, the
+            param's position, its step count, the element), the same on both backends; SGD and
+            Lion then keep a ``state["step"]`` counter for it.
+        master_weights (bool): keep an exact fp32 master for 16-bit params: a bf16 param keeps
+            ``state["master_remainder"]`` (int16, +2 bytes: the param and it are the fp32 value
+            bit for bit; the param is that value rounded to nearest, ties away from zero), an fp16
+            param ``state["master_param"]`` (an fp32 copy, +4 bytes). fp32/fp64 params need none.
+            ``master_param(p)`` returns the fp32 value.
+        state_dtype (torch.dtype, optional): the dtype the state tensors are stored in
+            (torch.float32, torch.bfloat16 or torch.float16; default the param's, as torch.optim);
+            the math is fp32 either way.
+        rounding_seed (int, optional): the seed of stochastic rounding's bits; drawn from torch's
+            default generator when None. These four are kept in every param group, so they are
+            in ``state_dict()``, may differ per group, and a resumed run continues the same
+            random stream.""",
+    False: "",
+}
 _GRAD_DOC = {
     True: """The Triton backend never writes
         ``.grad``: after ``step`` it holds the unclipped gradient. The torch backend leaves the
@@ -90,6 +112,7 @@ def class_doc(summary: str, update_math: str, args: str, name: str, state_note: 
     class has a Triton path (ClippedStep._NO_KERNELS unset)."""
     reference = reference or f"torch.optim.{name}"
     backend_doc, grad_doc = _BACKEND_DOC[kernels], _GRAD_DOC[kernels]
+    memory_doc = _MEMORY_DOC[kernels]
     return rf"""{summary}
 
     .. math::
@@ -119,7 +142,7 @@ def class_doc(summary: str, update_math: str, args: str, name: str, state_note: 
             clip's norm is summed over it with one all-reduce per step; "world" is the default
             group and, unlike a ProcessGroup, can be pickled (ZeroRedundancyOptimizer keeps its
             keywords in its state_dict). DTensor parameters (FSDP2, HSDP, tensor parallel) need
-            none: their placements say it.
+            none: their placements say it.{memory_doc}
 
     Differences from {reference}:
         clipping happens inside ``step``, over every param with a grad in every group, and
