@@ -342,12 +342,26 @@ def _pieces(tensors):
         yield start, [None if t is None else t[start:start + CHUNK] for t in flat]
 
 
-def _store_(dst, value, found_inf, bits):
+class _PieceBits:
+    """A piece's random bits (fusedopt/rounding.py), each of its two hashes made once, when a
+    column first asks for it."""
+
+    def __init__(self, stream, start, shape):
+        self.stream, self.start, self.shape, self.hashes = stream, start, shape, [None, None]
+
+    def column(self, col):
+        second = col >= 2
+        if self.hashes[second] is None:
+            self.hashes[second] = rounding.element_bits(self.stream, second, self.start, self.shape)
+        return rounding.column_bits(self.hashes[second], col)
+
+
+def _store_(dst, value, found_inf, bits, column):
     """``dst`` (a param or state piece) set to fp32/fp64 ``value``: rounded stochastically with
-    ``bits(column)`` when that is given and ``dst`` is bf16/fp16, else as copy_ rounds (to
-    nearest even, as the kernels' round_to); the old value kept where ``found_inf``."""
+    ``bits`` (_PieceBits) when given and ``dst`` is bf16/fp16, else as copy_ rounds (to nearest
+    even, as the kernels' round_to); the old value kept where ``found_inf``."""
     if bits is not None and dst.dtype in LOW_PRECISION:
-        value = rounding.stochastic_round(value, dst.dtype, bits)
+        value = rounding.stochastic_round(value, dst.dtype, bits.column(column))
     dst.copy_(keep_where(found_inf, dst, value))
 
 
@@ -394,8 +408,7 @@ def rule_torch_(opt, group, params, grads, columns, steps, firsts, lr, grad_scal
                 if s is not None:
                     s.zero_()
         for start, (p, g, m, *old) in _pieces([param, grad, master, *columns[i]]):
-            bits = None if stream is None else (
-                lambda col, p=p, start=start: rounding.random_bits(stream, col, start, p.shape))
+            bits = None if stream is None else _PieceBits(stream, start, p.shape)
             g_acc = g.to(acc)
             if grad_scale is not None:
                 g_acc = g_acc / grad_scale
@@ -410,9 +423,9 @@ def rule_torch_(opt, group, params, grads, columns, steps, firsts, lr, grad_scal
             new_p, *new = rule(p_acc, g_acc, *values, *c, firsts[i], lr, *hyper, *flags)
             for col, (s, v) in enumerate(zip(old, new), start=1):
                 if s is not None:
-                    _store_(s, v, found_inf, bits and bits(col))
+                    _store_(s, v, found_inf, bits, col)
             if m is None:
-                _store_(p, new_p, found_inf, bits and bits(0))
+                _store_(p, new_p, found_inf, bits, 0)
             elif m.dtype == torch.int16:
                 hi, rem = rounding.split_bf16(new_p.float())
                 m.copy_(keep_where(found_inf, m, rem))

@@ -52,16 +52,25 @@ def stream(key: int, step: torch.Tensor) -> torch.Tensor:
     return mix32(step.to(torch.int64) ^ key)
 
 
-def random_bits(stream_: torch.Tensor, column: int, start: int, shape) -> torch.Tensor:
-    """The 16 random bits (int64) of ``column`` (0 the param, 1-3 the state columns) for the
-    elements ``start, start + 1, ...`` (row-major) of a piece of ``shape``."""
+def element_bits(stream_: torch.Tensor, second: bool, start: int, shape) -> torch.Tensor:
+    """One hash per element (int64 holding uint32) for the elements ``start, start + 1, ...``
+    (row-major) of a piece of ``shape``: the first (param, s0) or the ``second`` (s1, s2)."""
     n = 1
     for s in shape:
         n *= s
     index = torch.arange(start, start + n, dtype=torch.int64, device=stream_.device) & MASK
-    salted = stream_ ^ SALT if column >= 2 else stream_
-    bits = mix32((index + salted) & MASK)
-    return ((bits >> 16) if column % 2 else bits & 0xFFFF).reshape(shape)
+    salted = stream_ ^ SALT if second else stream_
+    return mix32((index + salted) & MASK).reshape(shape)
+
+
+def column_bits(hashes: torch.Tensor, column: int) -> torch.Tensor:
+    """The 16 random bits of ``column`` (0 the param, 1-3 the state columns) from its hash."""
+    return (hashes >> 16) if column % 2 else hashes & 0xFFFF
+
+
+def random_bits(stream_: torch.Tensor, column: int, start: int, shape) -> torch.Tensor:
+    """The 16 random bits (int64) of ``column`` for the elements ``start, ...`` of a piece."""
+    return column_bits(element_bits(stream_, column >= 2, start, shape), column)
 
 
 def _bits(x: torch.Tensor) -> torch.Tensor:
