@@ -30,6 +30,7 @@ any of them steps through the rule on the torch path (torch's fused ops cannot),
 same kernel with the STATE_DTYPE / MASTER / SR constexprs on Triton.
 """
 import math
+import struct
 
 import torch
 
@@ -46,6 +47,11 @@ REMAINDER_KEY, MASTER_KEY = "master_remainder", "master_param"
 STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 MEMORY_OPTIONS = ("stochastic_rounding", "master_weights", "state_dtype", "rounding_seed")
+# a group without a key has its default (rounding_seed: the optimizer's, stored in the group at
+# its first rounding step); only options a user set are put in the groups, so that a default
+# optimizer's state_dict is torch.optim's, key for key (torch.distributed.checkpoint refuses to
+# load a checkpoint that lacks a key the loading optimizer's groups have)
+MEMORY_DEFAULTS = dict(stochastic_rounding=False, master_weights=False, state_dtype=None)
 
 
 def draw_seed() -> int:
@@ -54,18 +60,25 @@ def draw_seed() -> int:
 
 
 def check_memory_options(name: str, group: dict) -> None:
-    """The memory-lean options of a param group, refused with the problem named."""
+    """The memory-lean options a param group sets, refused with the problem named."""
     for key in ("stochastic_rounding", "master_weights"):
-        if not isinstance(group[key], bool):
+        if key in group and not isinstance(group[key], bool):
             raise TypeError(f"fusedopt.{name}: {key} must be True or False, got {group[key]!r}")
-    dtype = group["state_dtype"]
+    dtype = group.get("state_dtype")
     if dtype is not None and dtype not in STATE_DTYPES:
         raise TypeError(
             f"fusedopt.{name}: state_dtype must be None (the param's dtype, as torch.optim), "
             f"torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
-    seed = group["rounding_seed"]
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
-        raise TypeError(f"fusedopt.{name}: rounding_seed must be an int in [0, 2**63), got {seed!r}")
+    if "rounding_seed" in group:
+        seed = group["rounding_seed"]
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+            raise TypeError(
+                f"fusedopt.{name}: rounding_seed must be an int in [0, 2**63), got {seed!r}")
+
+
+def fp32_value(x: float) -> float:
+    """``x`` rounded to fp32, as a kernel's float argument holds it (no tensor, no host read)."""
+    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 def ln(beta: float) -> float:
@@ -94,18 +107,24 @@ class ElementwiseStep(ClippedStep):
     # -- the memory-lean options (module docstring) -------------------------------------------------
 
     def _init_memory(self, stochastic_rounding, master_weights, state_dtype, rounding_seed) -> None:
-        """Called before torch's constructor: the options become defaults of every param group
-        (add_param_group), so that they travel in state_dict() and can differ per group."""
-        self._memory_defaults = dict(
-            stochastic_rounding=stochastic_rounding, master_weights=master_weights,
-            state_dtype=state_dtype,
-            rounding_seed=draw_seed() if rounding_seed is None else rounding_seed)
+        """Called before torch's constructor: the options a user set become defaults of every
+        param group (add_param_group), so that they travel in state_dict() and can differ per
+        group. The seed is drawn here when not given, and kept in every group that rounds."""
+        asked = dict(stochastic_rounding=stochastic_rounding, master_weights=master_weights,
+                     state_dtype=state_dtype)
+        if rounding_seed is not None:
+            asked["rounding_seed"] = rounding_seed
+        check_memory_options(type(self).__name__, asked)
+        self._rounding_seed = draw_seed() if rounding_seed is None else rounding_seed
+        self._memory_defaults = {k: v for k, v in asked.items() if v != MEMORY_DEFAULTS.get(k)}
+        if stochastic_rounding:
+            self._memory_defaults["rounding_seed"] = self._rounding_seed
 
     def add_param_group(self, param_group: dict) -> None:
         for key, value in self._memory_defaults.items():
             self.defaults.setdefault(key, value)  # after torch's own: torch fills groups from it
         if isinstance(param_group, dict):
-            check_memory_options(type(self).__name__, {**self.defaults, **param_group})
+            check_memory_options(type(self).__name__, param_group)
         super().add_param_group(param_group)
 
     def load_state_dict(self, state_dict) -> None:
@@ -128,26 +147,22 @@ class ElementwiseStep(ClippedStep):
                     self.state[p][key] = value.to(device=mine.device, dtype=value.dtype)
 
     def _own_state(self) -> dict:  # pickle, deepcopy: the options for groups added later too
-        return dict(super()._own_state(), _memory_defaults=self._memory_defaults)
+        return dict(super()._own_state(), _memory_defaults=self._memory_defaults,
+                    _rounding_seed=self._rounding_seed)
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        defaults = getattr(self, "_memory_defaults", None)
-        if defaults is None:  # pickled before the options existed
-            self._memory_defaults = defaults = dict(stochastic_rounding=False,
-                                                    master_weights=False, state_dtype=None,
-                                                    rounding_seed=draw_seed())
-        for group in self.param_groups:
-            for key, value in defaults.items():
-                group.setdefault(key, value)
+        if "_memory_defaults" not in self.__dict__:  # torch's own pickle: groups hold all
+            self._memory_defaults = {}
+            self._rounding_seed = draw_seed()
 
     def _memory(self, group, dtype):
         """(state dtype, master kind, stochastic rounding) of ``group``'s params of ``dtype``."""
-        state_dtype = group["state_dtype"] or dtype
+        state_dtype = group.get("state_dtype") or dtype
         master = MASTER_NONE
-        if group["master_weights"]:
+        if group.get("master_weights", False):
             master = {torch.bfloat16: MASTER_REMAINDER, torch.float16: MASTER_COPY}.get(dtype, 0)
-        return state_dtype, master, group["stochastic_rounding"]
+        return state_dtype, master, group.get("stochastic_rounding", False)
 
     def _lean(self, group, dtype) -> bool:
         """Whether these params need the memory-lean rule path (torch's fused ops cannot)."""
@@ -156,15 +171,18 @@ class ElementwiseStep(ClippedStep):
 
     def _has_step(self, group) -> bool:
         """A step counter: the class's, or one kept for stochastic rounding's bits."""
-        return self._HAS_STEP or group["stochastic_rounding"]
+        return self._HAS_STEP or group.get("stochastic_rounding", False)
 
     def _rounding_key(self, group, p) -> int:
-        """fusedopt/rounding.tensor_key of p: its position among all params (state_dict ids)."""
+        """fusedopt/rounding.tensor_key of p: its position among all params (state_dict ids).
+        A group that rounds without a seed of its own (stochastic_rounding switched on in it
+        later) gets the optimizer's, kept in the group from then on (so in its state_dict)."""
         positions = self.__dict__.get("_positions")
         if positions is None or id(p) not in positions:
             positions = self._positions = {
                 id(q): i for i, q in enumerate(q for g in self.param_groups for q in g["params"])}
-        return rounding.tensor_key(group["rounding_seed"], positions[id(p)])
+        seed = group.setdefault("rounding_seed", self._rounding_seed)
+        return rounding.tensor_key(seed, positions[id(p)])
 
     def _first_step(self, group, p, state) -> int:
         """1 when p's first step makes a state column from the gradient (SGD's buffer = g); the
@@ -203,11 +221,17 @@ class ElementwiseStep(ClippedStep):
             value = state.get(key) if columns >> i & 1 else None
             if value is not None and value.dtype != state_dtype:
                 state[key] = value.to(state_dtype)
-        for kind, key in ((MASTER_REMAINDER, REMAINDER_KEY), (MASTER_COPY, MASTER_KEY)):
-            if master == kind and key not in state:
+        for kind, key, dtype in ((MASTER_REMAINDER, REMAINDER_KEY, torch.int16),
+                                 (MASTER_COPY, MASTER_KEY, torch.float32)):
+            value = state.get(key)
+            if master == kind and (value is None or value.dtype != dtype
+                                   or value.shape != p.shape):
+                # none yet, or one torch.optim's load_state_dict cast to the param's dtype (an
+                # int16 remainder turned into a bf16 number, an fp32 copy into fp16): a master that
+                # went through torch.optim is stale anyway, as torch stepped the param without it
                 state[key] = (torch.zeros_like(p, dtype=torch.int16) if kind == MASTER_REMAINDER
                               else p.detach().to(torch.float32, copy=True))
-            elif master != kind and key in state:
+            elif master != kind and value is not None:
                 del state[key]
         return state
 
@@ -237,7 +261,7 @@ class ElementwiseStep(ClippedStep):
 
     def _row_flags(self, group):
         return (self._flags(group), self._columns(group),
-                tuple(group[key] for key in MEMORY_OPTIONS))
+                tuple(group.get(key) for key in MEMORY_OPTIONS))
 
     def _kernel_row(self, group, p):
         """(element tensors p, s0, s1, s2, master; scalar tensors [step[, scalar state]]; ints
@@ -246,12 +270,24 @@ class ElementwiseStep(ClippedStep):
         first = self._first_step(group, p, self.state[p])
         state = self._state_for(group, p)
         master = self._master_of(state)
-        tensors = [p] + [p if s is None else s for s in self._state_tensors(group, state, p)] \
+        columns = self._state_tensors(group, state, p)
+        state_dtype, kind, _ = self._memory(group, p.dtype)
+        # what the launch's STATE_DTYPE and MASTER constexprs will take the addresses for:
+        # _state_for made it so; a mismatch here would be a wrong pointer, so it stops the step
+        want = {MASTER_NONE: None, MASTER_REMAINDER: torch.int16, MASTER_COPY: torch.float32}[kind]
+        if any(s is not None and s.dtype != state_dtype for s in columns) or \
+                (master.dtype if master is not None else None) != want:
+            raise RuntimeError(
+                f"fusedopt.{type(self).__name__}: the state of a {p.dtype} param of shape "
+                f"{tuple(p.shape)} is {[None if s is None else s.dtype for s in columns]} with "
+                f"master {None if master is None else master.dtype}, not the group's "
+                f"state_dtype {state_dtype} and master {want}: report this as a fusedopt bug")
+        tensors = [p] + [p if s is None else s for s in columns] \
             + [p if master is None else master]
         scalars = [state["step"]] if self._has_step(group) else []
         if self._SCALAR_STATE is not None:
             scalars.append(state[self._SCALAR_STATE])
-        key = self._rounding_key(group, p) if group["stochastic_rounding"] else 0
+        key = self._rounding_key(group, p) if group.get("stochastic_rounding") else 0
         return tensors, scalars, [first, key]
 
     def _spec(self, group, dtype):
@@ -292,7 +328,7 @@ class ElementwiseStep(ClippedStep):
         """The rule on the torch path (rule_torch_), every option included."""
         firsts = [self._first_step(group, p, self.state[p]) for p in params]
         states = [self._state_for(group, p) for p in params]
-        sr = group["stochastic_rounding"]
+        sr = group.get("stochastic_rounding", False)
         rule_torch_(self, group, list(map(local, params)), grads,
                     [[None if s is None else local(s) for s in self._state_tensors(group, st, p)]
                      for st, p in zip(states, params)],
@@ -388,7 +424,7 @@ def rule_torch_(opt, group, params, grads, columns, steps, firsts, lr, grad_scal
         # both paths round the same: a 1e-3 lr otherwise made 6 of 4017 AdamW results 1-3 fp32
         # ulps apart after 3 steps (torch.optim's lr / bias_correction1 differs from this in
         # its 8th significant digit at most)
-        lr64 = float(torch.tensor(lr64, dtype=torch.float32))
+        lr64 = fp32_value(lr64)
     for i, (param, grad) in enumerate(zip(params, grads)):
         acc = compute_dtype(param.dtype)
         c = (0.0,) * 4

@@ -91,9 +91,10 @@ _MEMORY_DOC = {
             (torch.float32, torch.bfloat16 or torch.float16; default the param's, as torch.optim);
             the math is fp32 either way.
         rounding_seed (int, optional): the seed of stochastic rounding's bits; drawn from torch's
-            default generator when None. These four are kept in every param group, so they are
-            in ``state_dict()``, may differ per group, and a resumed run continues the same
-            random stream.""",
+            default generator when None. Each of these four that is set (and the seed of a group
+            that rounds) is kept in the param groups, so it is in ``state_dict()``, may differ per
+            group, and a resumed run continues the same random stream; left at their defaults,
+            the groups and the state_dict are torch.optim's.""",
     False: "",
 }
 _GRAD_DOC = {

@@ -103,14 +103,3 @@ def tensors_of_state(opt):
     """Every state tensor of an optimizer, keyed (param index, state key), for comparisons."""
     return {(i, k): v for i, st in opt.state_dict()["state"].items() for k, v in st.items()}
 
-
-def torch_groups(groups):
-    """param_groups as torch.optim saves them: fusedopt's groups less the memory-lean options
-    (fusedopt/_elementwise.MEMORY_OPTIONS), which every group must carry, after torch's keys."""
-    from fusedopt._elementwise import MEMORY_OPTIONS
-    out = []
-    for g in groups:
-        assert list(g)[-len(MEMORY_OPTIONS) - 1:-1] == list(MEMORY_OPTIONS) or \
-            set(MEMORY_OPTIONS) <= set(g), list(g)
-        out.append({k: v for k, v in g.items() if k not in MEMORY_OPTIONS})
-    return out

@@ -35,11 +35,8 @@ interpreter on CPU). What this file proves:
 import copy
 import io
 import math
-import pathlib
 import pickle
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -263,7 +260,7 @@ def test_fusedopt_checkpoint_loads_into_torch_optim(name, state_dtype):
     theirs = torch_optim(name, theirs_p)
     theirs.load_state_dict(saved)
     group = theirs.param_groups[0]
-    assert (group["stochastic_rounding"], group["master_weights"], group["state_dtype"],
+    assert (group.get("stochastic_rounding", False), group.get("master_weights", False), group.get("state_dtype"),
             group["rounding_seed"]) == (True, True, state_dtype, SEED)
     for i, p in enumerate(theirs_p):
         st = theirs.state[p]
@@ -332,7 +329,7 @@ def test_torch_optim_checkpoint_loads_with_master_and_fp32_states(name, backend)
     ours = build(name, ours_p, backend, state_dtype=torch.float32)
     ours.load_state_dict(load(blob))
     group = ours.param_groups[0]
-    assert (group["stochastic_rounding"], group["master_weights"], group["state_dtype"],
+    assert (group.get("stochastic_rounding", False), group.get("master_weights", False), group.get("state_dtype"),
             group["rounding_seed"]) == (True, True, torch.float32, SEED)
     for (i, key), value in snapshot(ours).items():
         assert value.dtype == saved["state"][i][key].dtype and torch.equal(
@@ -385,32 +382,16 @@ def round_trip_through_torch_optim(dtype, backend):
     assert_identical(*runs[0], *runs[1])
 
 
-ROUND_TRIP_BUG = (
-    "fusedopt bug: torch.optim's load casts a 16-bit param's master column to the param's dtype "
-    "(the int16 master_remainder by value, the fp32 master_param copy to fp16) and saves it so; "
-    "fusedopt's load keeps that tensor and steps it as the master: bf16 params jump to the "
-    "remainder's value (~2e4) on the torch path, the Triton kernel reads bf16 bits as a remainder, "
-    "and writes fp32 into the fp16 copy's buffer (a heap overrun: glibc aborts with 'corrupted "
-    "size vs. prev_size'); the master torch.optim carried is stale in any case")
-
-
-@pytest.mark.xfail(strict=True, reason=ROUND_TRIP_BUG)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_round_trip_through_torch_optim_restarts_the_master(dtype, backend):
     """fusedopt -> torch.optim (16-bit params, one step there) -> fusedopt with master_weights:
     the master column torch.optim carried (cast to the param's dtype, and stale: torch.optim
     moved the params without it) is no master; the step equals the one from the same
-    checkpoint without it, whose master starts from the param. fp16 on Triton runs in a child
-    process: today its step writes past the end of a buffer."""
-    if (dtype, backend) != (torch.float16, "triton"):
-        round_trip_through_torch_optim(dtype, backend)
-        return
-    code = ("import conftest, torch, test_memory_state as t; "
-            "t.round_trip_through_torch_optim(torch.float16, 'triton'); print('round trip ok')")
-    done = subprocess.run([sys.executable, "-c", code], cwd=pathlib.Path(__file__).parent,
-                          capture_output=True, text=True, timeout=300)  # env: conftest's
-    assert done.returncode == 0 and "round trip ok" in done.stdout, done.stderr[-2000:]
+    checkpoint without it, whose master starts from the param. (fusedopt once stepped that cast
+    column as the master: bf16 params jumped to ~2e4 on the torch path, and on Triton fp32 values
+    went into the fp16 copy's buffer, a heap overrun.)"""
+    round_trip_through_torch_optim(dtype, backend)
 
 
 # -- 3. skipped steps, GradScaler, clips -----------------------------------------------------------
@@ -610,7 +591,7 @@ def test_edge_options_are_taken(key, value):
         ps = clone(params)
         opt = build("AdamW", ps, backend, **{key: value})
         train(opt, ps, 2)
-        assert opt.param_groups[0][key] == value
+        assert opt.param_groups[0].get(key, False) == value  # only options set are in a group
         assert all(torch.isfinite(p).all() for p in ps)
 
 
@@ -641,7 +622,7 @@ def test_options_per_param_group(name, clip):
         train(opt, ps, 4)
         runs.append((ps, opt))
         groups = opt.state_dict()["param_groups"]
-        assert [(g["stochastic_rounding"], g["master_weights"], g["state_dtype"],
+        assert [(g.get("stochastic_rounding", False), g.get("master_weights", False), g.get("state_dtype"),
                  g["rounding_seed"]) for g in groups] == \
             [(True, False, None, SEED), (False, True, torch.float32, SEED)]
         columns = {"SGD": ["momentum_buffer"], "AdamW": ["exp_avg", "exp_avg_sq"]}[name]
@@ -816,7 +797,7 @@ def test_pickle_and_deepcopy_keep_the_options_and_seed(how):
         o.add_param_group(dict(params=extra))
         extras.append(extra)
     assert twin.param_groups[2]["rounding_seed"] == opt.param_groups[2]["rounding_seed"] == drawn
-    assert twin.param_groups[2]["master_weights"] and twin.param_groups[2]["stochastic_rounding"]
+    assert twin.param_groups[2].get("master_weights", False) and twin.param_groups[2].get("stochastic_rounding", False)
     train(opt, params + extras[0], 2, start=2)
     train(twin, twin_params + extras[1], 2, start=2)
     assert_identical(params + extras[0], opt, twin_params + extras[1], twin)
