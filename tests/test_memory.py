@@ -215,8 +215,9 @@ def run_probe(x, r, p_in, rem_in, key, step, start):
     (0, 0, 1, 0), (12345, 3, 2, 1000), (2 ** 31 - 2, 7, 1000, 2 ** 32 - 5000),
     (2 ** 63 - 1, 2 ** 20, 2 ** 24, 3 * 2 ** 32 + 17)], ids=["first", "small", "wrap", "large"])
 def test_kernel_rounding_twins_match_torch_twins_bit_for_bit(seed, position, step, start):
-    """stream, element_bits, stochastic (bf16 and fp16, hashed and chosen bits: 0, 0xFFFF, 0x8000,
-    0x1000, 0x1FFF among them), split_bf16 and join_bf16 (of split's outputs and of any pair):
+    """stream, element_bits (whole 32-bit hashes, and random_bits' four 16-bit columns from
+    them), stochastic (bf16 and fp16, hashed and chosen bits: 0, 0xFFFF, 0x8000, 0x1000, 0x1FFF
+    among them, high halves set), split_bf16 and join_bf16 (of split's outputs and of any pair):
     kernel == torch, bit for bit, NaN as NaN. Offsets from ``start`` (past 2**32: wrapped)."""
     x = random_words(4096, seed=position)
     n = x.numel()
@@ -234,6 +235,8 @@ def test_kernel_rounding_twins_match_torch_twins_bit_for_bit(seed, position, ste
     assert stream.dtype == torch.int64 and int(out["stream"][0]) == int(stream)
     cols = [rounding.random_bits(stream, c, start, (n,)) for c in range(4)]
     r01, r23 = out["bits"][:n], out["bits"][n:]
+    assert_same(r01, rounding.element_bits(stream, False, start, (n,)), "first hash")
+    assert_same(r23, rounding.element_bits(stream, True, start, (n,)), "second hash")
     for c, (word, shift) in enumerate([(r01, 0), (r01, 16), (r23, 0), (r23, 16)]):
         assert_same((word >> shift) & 0xFFFF, cols[c], f"random bits, column {c}")
     assert_same(out["sr_bf16"], rounding.stochastic_round(x, BF16, cols[0]), "stochastic bf16")
