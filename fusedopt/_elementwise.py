@@ -239,7 +239,14 @@ class ElementwiseStep(ClippedStep):
         """p's master value as a new tensor: with ``master_weights``, the fp32 value a bf16 param
         and its remainder make bit for bit (or an fp16 param's fp32 copy); else p itself in its
         compute dtype (fp32, or fp64). What a checkpoint for fp32 training elsewhere (torch.optim
-        with fp32 params) takes as the weights: ``p32.copy_(opt.master_param(p))``."""
+        with fp32 params) takes as the weights: ``p32.copy_(opt.master_param(p))``. A tensor that
+        is not one of this optimizer's params (``p.detach()``, say) is refused: it has no master
+        here, and its own value would pass for one."""
+        if not any(q is p for g in self.param_groups for q in g["params"]):
+            raise ValueError(
+                f"fusedopt.{type(self).__name__}.master_param: the tensor (shape "
+                f"{tuple(p.shape)}, {p.dtype}) is not one of this optimizer's parameters; pass "
+                "the parameter itself (not a detached or cloned view)")
         state = self.state.get(p, {})
         remainder, copy = state.get(REMAINDER_KEY), state.get(MASTER_KEY)
         if remainder is not None:

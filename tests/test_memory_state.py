@@ -999,3 +999,16 @@ def test_cuda_graph_replay_with_stochastic_rounding_and_master(name, backend):
         assert opts[0].state[p]["master_remainder"].dtype == torch.int16
     assert_masters_close(params[1], opts[1], params[0], opts[0], KWARGS[name]["lr"])
     assert_states_close(snapshot(opts[0]), snapshot(opts[1]))
+
+
+def test_master_param_refuses_a_tensor_it_does_not_own():
+    """``master_param(p.detach())`` has no master to give: its own value would pass for one (the
+    param's master after a step below half a bf16 ulp is not the param's value)."""
+    p = torch.nn.Parameter(torch.tensor([1.5], dtype=torch.bfloat16))
+    opt = fusedopt.SGD([p], lr=2 ** -6, master_weights=True)
+    p.grad = torch.full_like(p, 2 ** -7)
+    opt.step()
+    assert opt.master_param(p).item() == 1.5 - 2 ** -13  # exact in fp32; p itself stays 1.5
+    assert p.item() == 1.5
+    with pytest.raises(ValueError, match="not one of this optimizer's parameters"):
+        opt.master_param(p.detach())
