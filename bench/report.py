@@ -20,6 +20,20 @@ def paths(out_dir: str, meta: dict, quick: bool) -> dict:
     return {kind: base / f"{stem}.{kind}" for kind in ("md", "json", "png")}
 
 
+def unused_paths(out_dir: str, stem: str, tail: str, kinds) -> dict:
+    """{kind: <out_dir>/<stem>[-N]<tail>.<kind>}, N = 2, 3, ... where the plain name is taken by
+    any kind, so that no earlier run is overwritten (bench/distributed.py's scheme)."""
+    base = pathlib.Path(out_dir)
+    base.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while True:
+        name = stem + (f"-{n}" if n > 1 else "") + tail
+        found = {kind: base / f"{name}.{kind}" for kind in kinds}
+        if not any(p.exists() for p in found.values()):
+            return found
+        n += 1
+
+
 def _fmt(x, spec=".1f", none="-"):
     return none if x is None else format(x, spec)
 
@@ -73,6 +87,76 @@ def markdown(meta: dict, results: list[dict]) -> str:
                          f"{r['optimizer']}, {r['impl']}: **{r['speedup_vs_best_torch']:.2f}x** "
                          f"({r['best_torch_impl']} {r['best_torch_ms']:.3f} ms -> "
                          f"{r['median_ms']:.3f} ms)")
+    return "\n".join(lines) + "\n"
+
+
+def memory_markdown(meta: dict, results: list[dict]) -> str:
+    """bench/run.py --memory's report: per configuration, fusedopt against the best torch recipe
+    for the same param dtype (time, bytes moved, state bytes), then every row."""
+    v = meta["versions"]
+    lines = [
+        "# fusedopt memory-lean options: one optimizer step (clip + update) against torch's "
+        "recipes", "",
+        f"- device: {meta['device']}",
+        f"- torch {v['torch']}, triton {v['triton']}, CUDA {v['cuda']}, Python {v['python']}, "
+        f"fusedopt {meta['fusedopt']}" + (f" at {meta['commit']}" if meta.get("commit") else ""),
+        f"- date: {meta['date']}; {meta['warmup']} warm-up + {meta['steps']} timed steps per row"
+        + ("; CUDA events, L2 flushed between steps" if meta["device_type"] == "cuda"
+           else "; wall time"),
+        f"- device-to-device copy bandwidth, same run: {meta['copy_gbs']:.1f} GB/s (read + write)",
+        "- settings, every implementation: " + "; ".join(
+            f"{o} " + ", ".join(f"{k}={x}" for k, x in h.items())
+            for o, h in meta["hyperparameters"].items())
+        + f"; clip_grad_norm_ {meta['max_grad_norm']}",
+    ]
+    if meta.get("busy_cpus") is not None:
+        lines.append(f"- CPUs busy with other work at start / end: {meta['busy_cpus']}")
+    lines += ["- configurations (fusedopt options; the torch recipe each is measured against):"]
+    for name, c in meta["memory"].items():
+        options = ", ".join(f"{k}={x}" for k, x in c["options"].items()) or "defaults"
+        recipe = ("torch.optim on fp32 masters kept by hand, copied into the model's params"
+                  if c["recipe"] == "fp32 master" else f"torch.optim in {c['dtype']}")
+        lines.append(f"  - {name}: {c['dtype']} params, {options}; vs {recipe}")
+    lines += [
+        "", "## fusedopt against the best torch recipe for the same param dtype", "",
+        "Per parameter. state: bytes of every tensor in opt.state after the timed steps (step "
+        "counters included), for the fp32 master recipe plus its fp32 copy and fp32 grads, which "
+        "live outside opt.state (params and the model's grads, alike in both, not counted). "
+        "moved: bytes one step reads + writes; fusedopt's torch path counted from the step "
+        "(measure.ByteCount), its Triton kernel by hand (run.memory_triton_bytes), torch's recipe "
+        "from run.memory_bytes_per_element. speedup: best torch median / fusedopt median.", "",
+        "| shapes | clip | optimizer | configuration | impl | state B: fusedopt / torch | "
+        "moved B: fusedopt torch path / Triton / best torch | ms: fusedopt / best torch "
+        "| speedup |",
+        "|---|---|---|---|---|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        if r["memory"] is None:
+            continue
+        lines.append(
+            f"| {r['shapes']} ({r['numel'] / 1e6:.1f}M) | {r['clip']} | {r['optimizer']} | "
+            f"{r['memory']} | {r['impl']} | {r['state_bytes_per_param']:.2f} / "
+            f"{r['best_torch_state_bytes_per_param']:.2f} | "
+            f"{r['bytes_per_element']:.0f} / {r['triton_bytes_per_element']} / "
+            f"{r['best_torch_bytes_per_element']:.0f} | {r['median_ms']:.1f} / "
+            f"{r['best_torch_ms']:.1f} ({r['best_torch_impl']}) | "
+            f"{r['speedup_vs_best_torch']:.2f}x |")
+    lines += [
+        "", "## Every row", "",
+        "median ms (p10-p90); moved: bytes per parameter one step reads + writes (counted: "
+        "measured from the step); state: opt.state bytes per parameter (+ kept outside it).", "",
+        "| shapes | clip | optimizer | params | configuration or recipe | implementation "
+        "| median ms | p10-p90 | moved B | GB/s | state B |",
+        "|---|---|---|---|---|---|---:|---|---:|---:|---:|",
+    ]
+    for r in results:
+        held = f" + {r['held_bytes_per_param']:.2f}" if r["held_bytes_per_param"] else ""
+        lines.append(
+            f"| {r['shapes']} ({r['tensors']} t, {r['numel'] / 1e6:.1f}M) | {r['clip']} | "
+            f"{r['optimizer']} | {r['dtype']} | {r['memory'] or 'torch: ' + r['recipe']} | "
+            f"{r['impl']} | {r['median_ms']:.3f} | {r['p10_ms']:.3f}-{r['p90_ms']:.3f} | "
+            f"{r['bytes_per_element']:.1f}{' (counted)' if r['bytes_counted'] else ''} | "
+            f"{r['gb_per_s']:.1f} | {r['state_bytes_per_param']:.2f}{held} |")
     return "\n".join(lines) + "\n"
 
 

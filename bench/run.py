@@ -7,6 +7,8 @@ best torch recipe, on this machine, and how close is it to what the memory syste
     python bench/run.py --shapes smoke --optimizers sgd --dtypes float32 --steps 3
     python bench/run.py --clip amp   # under a GradScaler: unscale_ + clip + step vs fusedopt's
     python bench/run.py --optimizers family   # adagrad,rmsprop,nadam,radam,adamax,lion
+    python bench/run.py --memory     # the memory-lean options (MEMORY) against torch's recipes
+    python bench/run.py --memory bf16+sr,fp16+master --shapes resnet50 --optimizers adamw
 
 Every implementation runs in the same process on fresh copies of the same tensors: torch.optim
 for-loop, foreach and fused (where the torch class offers each), each followed by
@@ -14,6 +16,16 @@ clip_grad_norm_(foreach=True) when clipping, and fusedopt with each backend that
 Lion has no torch.optim class: its torch recipes are lion_ below (lion-pytorch's step, for-loop
 and foreach). Writes Markdown (also printed), JSON with every raw number, and a PNG chart to
 bench/results/<device>-<date>[-quick].*; progress goes to stderr.
+
+``--memory [NAMES]`` (all of MEMORY when no names) times instead fusedopt's memory-lean options
+(``stochastic_rounding``, ``master_weights``, ``state_dtype``: fusedopt/_elementwise.py), each
+against torch's best recipe for the same param dtype: torch.optim in that dtype + clip_grad_norm_,
+or, for master weights, an fp32 master copy kept by hand (MASTER_IMPLS: make_master_step). Per
+row: the step time, the bytes a step moves per parameter (memory_bytes_per_element; fusedopt's
+torch path counted from the step itself) and the optimizer state per parameter, summed over the
+tensors in ``opt.state`` after the timed steps (plus the master recipe's fp32 copy and its fp32
+grads, which live outside it). Clip on by default (off allowed; amp is not offered there).
+Writes <out-dir>/memory-<device>-<date>[-N][-quick].{md,json}, never over an earlier run.
 Shape sets come from bench/shapes.py; measuring from bench/measure.py; output from report.py.
 """
 import argparse
@@ -368,22 +380,163 @@ def bytes_per_element(opt: str, impl: str, elt_size: int, clip: str,
     return (clip_elems + update) * elt_size
 
 
-def make_step(opt: str, impl: str, params: list[torch.Tensor], clip: str):
-    """One step of ``impl`` over ``params`` (their .grad set) in ``clip`` mode (CLIP_MODES)."""
+# -- --memory: fusedopt's memory-lean options against torch's recipes ------------------------------
+
+# name -> (param dtype, fusedopt options, the torch recipe it is measured against: "plain",
+# torch.optim in the param dtype, or "fp32 master", make_master_step's fp32 copy kept by hand).
+# state_dtype None is the param's dtype (torch's layout), so "bf16+sr" is bf16 params *and* bf16
+# moments, both rounded stochastically (state_dtype=torch.bfloat16 changes nothing for bf16
+# params); "bf16+sr+fp32-states" rounds the params only.
+MEMORY = {
+    "bf16": (torch.bfloat16, {}, "plain"),
+    "bf16+sr": (torch.bfloat16, dict(stochastic_rounding=True), "plain"),
+    "bf16+sr+fp32-states": (torch.bfloat16, dict(stochastic_rounding=True,
+                                                 state_dtype=torch.float32), "plain"),
+    "bf16+master": (torch.bfloat16, dict(master_weights=True), "fp32 master"),
+    "bf16+master+fp32-states": (torch.bfloat16, dict(master_weights=True,
+                                                     state_dtype=torch.float32), "fp32 master"),
+    "fp16+master": (torch.float16, dict(master_weights=True), "fp32 master"),
+    "fp16+master+fp32-states": (torch.float16, dict(master_weights=True,
+                                                    state_dtype=torch.float32), "fp32 master"),
+    "fp32+bf16-states": (torch.float32, dict(state_dtype=torch.bfloat16), "plain"),
+}
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+# the hand-kept fp32 master recipe, one per torch implementation of the inner optimizer
+MASTER_IMPLS = {f"{impl} + fp32 master": impl for impl in TORCH_IMPLS}
+# Measured on the 2-core CI machine (bench/results/memory-cpu-*.md): the torch path's rule with
+# stochastic rounding forms its random bits with int64 tensor ops, 0.4-0.6 s a step per 10M bf16
+# AdamW params; the whole --memory run (AdamW and SGD, the three CPU shape sets) takes minutes, so
+# it is a mode of its own and no part of DEFAULTS.
+MEMORY_DEFAULTS = {
+    ("cpu", True): dict(shapes="resnet50", optimizers="adamw", clip="on", steps=3, warmup=1),
+    ("cpu", False): dict(shapes="gpt2-small,resnet50,many-small", optimizers="adamw,sgd",
+                         clip="on", steps=5, warmup=2),
+    ("cuda", True): dict(shapes="gpt2-small", optimizers="adamw", clip="on", steps=20, warmup=3),
+    ("cuda", False): dict(shapes="gpt2-small,llama-1b,resnet50,many-small",
+                          optimizers="adamw,sgd", clip="on", steps=50, warmup=5),
+}
+
+
+def memory_impls_for(opt: str, memory: str, device: torch.device) -> tuple[str, ...]:
+    """The torch recipes ``memory`` is measured against (impls_for's torch.optim ones, in the
+    param dtype or inside the fp32 master recipe), then fusedopt's backends that run here."""
+    torch_impls = [i for i in impls_for(opt, device, False) if i in TORCH_IMPLS]
+    ours = tuple(i for i in impls_for(opt, device, False) if i in OUR_IMPLS)
+    if MEMORY[memory][2] == "fp32 master":
+        return tuple(f"{i} + fp32 master" for i in torch_impls) + ours
+    return tuple(torch_impls) + ours
+
+
+def memory_triton_bytes(opt: str, memory: str, clip: str) -> int:
+    """Bytes per parameter one Triton step moves (kernels/update.py's _block), by hand: the norm
+    pass reads g (clip on); the update reads g, reads p (not with an fp16 param's fp32 copy: it
+    reads the copy instead), writes p, reads and writes every state column in the state dtype and
+    the master column (a bf16 param's int16 remainder 2 + 2, an fp16 param's fp32 copy 4 + 4).
+    Random bits for stochastic rounding are hashed in registers and move nothing.
+
+    The torch path moves much more (it is counted, measure.ByteCount): its rule runs op by op on
+    fp32 temporaries (bytes_per_element's docstring), and its remainders and random bits are int64
+    tensor arithmetic (fusedopt/rounding.py), a few hundred bytes per element and stored column.
+    """
+    dtype, options, _ = MEMORY[memory]
+    elt = torch.empty((), dtype=dtype).element_size()
+    state_elt = torch.empty((), dtype=options.get("state_dtype") or dtype).element_size()
+    master = {torch.bfloat16: 2, torch.float16: 4}.get(dtype, 0) if options.get(
+        "master_weights") else 0
+    p_read = 0 if master == 4 else elt
+    return ((elt if clip != "off" else 0) + elt + p_read + elt
+            + 2 * STATE_COPIES[opt] * state_elt + 2 * master)
+
+
+def memory_bytes_per_element(opt: str, memory: str, impl: str, clip: str,
+                             device_type: str = "cuda") -> int:
+    """Bytes one step of ``impl`` moves per parameter in the ``memory`` configuration (MEMORY),
+    whole-tensor reads + writes as bytes_per_element counts them; tests/test_bench_bytes.py checks
+    the torch recipes' against a count of the aten ops a step dispatches.
+
+    torch.optim in the param dtype: bytes_per_element's row for that dtype.
+    fp32 master (make_master_step): the model's grads copied into the fp32 grads (elt read + 4
+    written), then clip_grad_norm_ and torch.optim on fp32 tensors (bytes_per_element's fp32 row:
+    AdamW fused 40, foreach 92 with the clip), then the fp32 masters copied into the model's params
+    (4 read + elt written): bf16 AdamW fused 40 + 6 + 6 = 52.
+    fusedopt (triton): memory_triton_bytes. fusedopt (torch): counted as the step runs (ValueError
+    here), since its rounding arithmetic is int64 tensor ops that change with fusedopt/rounding.py.
+    """
+    dtype = MEMORY[memory][0]
+    elt = torch.empty((), dtype=dtype).element_size()
+    if impl == "fusedopt (triton)":
+        return memory_triton_bytes(opt, memory, clip)
+    if impl in MASTER_IMPLS:
+        return 2 * (elt + 4) + bytes_per_element(opt, MASTER_IMPLS[impl], 4, clip, device_type)
+    if impl in TORCH_IMPLS:
+        return bytes_per_element(opt, impl, elt, clip, device_type)
+    raise ValueError(f"{memory} {impl}: the torch path's bytes are counted at run time")
+
+
+def make_master_step(torch_cls, hyper: dict, flags: dict, params: list[torch.Tensor], clip: str):
+    """torch's mixed-precision recipe with an fp32 master copy kept by hand (Apex amp O2's master
+    params, Megatron's fp32 main params), for bf16 or fp16 ``params`` with grads: each step copies
+    the model's grads into the fp32 grads of fp32 masters made from the params once, clips those
+    (clip_grad_norm_, foreach), steps the masters with ``torch_cls(**hyper, **flags)`` (fp32
+    state), and copies the masters into the model's params (rounded to nearest). The fp32 grads
+    are kept between steps (one buffer, no allocation per step; +4 bytes a param, as Apex's).
+    Returns the step; its ``optimizer`` and ``held`` (masters and their grads) attributes are what
+    state_bytes counts."""
+    with torch.no_grad():
+        masters = [p.detach().to(torch.float32, copy=True) for p in params]
+    for m in masters:
+        m.grad = torch.zeros_like(m)
+    master_grads = [m.grad for m in masters]
+    optimizer = torch_cls(masters, **hyper, **flags)
+
+    @torch.no_grad()
+    def step():
+        torch._foreach_copy_(master_grads, [p.grad for p in params])
+        if clip != "off":
+            torch.nn.utils.clip_grad_norm_(masters, MAX_NORM, foreach=True)
+        optimizer.step()
+        torch._foreach_copy_(params, masters)
+    step.optimizer, step.held = optimizer, masters + master_grads
+    return step
+
+
+def state_bytes(step) -> tuple[int, int]:
+    """(bytes of every tensor in the step's ``optimizer.state``, bytes of the tensors it keeps
+    outside it: the master recipe's fp32 copy and grads)."""
+    inside = sum(v.nbytes for st in step.optimizer.state.values() for v in st.values()
+                 if isinstance(v, torch.Tensor))
+    return inside, sum(t.nbytes for t in getattr(step, "held", ()))
+
+
+def make_step(opt: str, impl: str, params: list[torch.Tensor], clip: str,
+              memory: str | None = None):
+    """One step of ``impl`` over ``params`` (their .grad set) in ``clip`` mode (CLIP_MODES). With
+    ``memory`` (one of MEMORY's names): fusedopt takes that configuration's options, MASTER_IMPLS
+    run make_master_step, and the step carries its optimizer as ``step.optimizer`` (state_bytes)."""
     torch_cls, our_cls, hyper = OPTIMIZERS[opt]
     device = params[0].device
     if impl in OUR_IMPLS:
         backend = impl.split("(")[1].rstrip(")")
         optimizer = our_cls(params, **hyper, max_grad_norm=None if clip == "off" else MAX_NORM,
-                            backend=backend)
+                            backend=backend, **(MEMORY[memory][1] if memory else {}))
         if clip != "amp":
-            return optimizer.step
+            if memory is None:
+                return optimizer.step
+
+            def our_step():
+                optimizer.step()
+            our_step.optimizer = optimizer
+            return our_step
         scaler = _scaler(fusedopt.GradScaler, device)
 
         def amp_step():
             scaler.step(optimizer)
             scaler.update()
         return amp_step
+    if impl in MASTER_IMPLS:
+        flags = {"torch for-loop": dict(foreach=False), "torch foreach": dict(foreach=True),
+                 "torch fused": dict(fused=True)}[MASTER_IMPLS[impl]]
+        return make_master_step(torch_cls, hyper, flags, params, clip)
     flags = {"torch for-loop": dict(foreach=False), "torch foreach": dict(foreach=True),
              "torch fused": dict(fused=True), COMPILED: dict(foreach=True)}[impl]
     optimizer = torch_cls(params, **hyper, **flags)
@@ -399,6 +552,7 @@ def make_step(opt: str, impl: str, params: list[torch.Tensor], clip: str):
             scaler.update()
         else:
             optimizer.step()
+    step.optimizer = optimizer
     return torch.compile(step) if impl == COMPILED else step
 
 
@@ -409,8 +563,10 @@ def _scaler(cls, device):
     return scaler
 
 
-def measure_impl(opt, impl, masters, clip, args, device) -> dict:
-    """Step time, host time and launches of one implementation on fresh copies of ``masters``."""
+def measure_impl(opt, impl, masters, clip, args, device, memory=None) -> dict:
+    """Step time, host time and launches of one implementation on fresh copies of ``masters``;
+    with ``memory`` (MEMORY's names) also the optimizer state (state_bytes) after the timed steps,
+    and for fusedopt's torch path the bytes of one more step, counted."""
     master_params, master_grads = masters
     params = [m.clone().requires_grad_() for m in master_params]
     for p, g in zip(params, master_grads):
@@ -419,13 +575,15 @@ def measure_impl(opt, impl, masters, clip, args, device) -> dict:
 
     def restore():  # the torch path's clip rewrote .grad: every step sees the same gradients
         torch._foreach_copy_(grads, master_grads)
-    step = make_step(opt, impl, params, clip)
+    step = make_step(opt, impl, params, clip, memory)
     warmup = max(args.warmup, MIN_WARMUP.get(opt, 1))
     times = measure.time_steps(step, restore, warmup, args.steps, device)
     out = dict(times_ms=times, host_ms=measure.host_ms(step, restore, device),
                launches=measure.launches_per_step(step, restore, device))
-    if opt in COUNTED:
+    if opt in COUNTED or (memory is not None and impl == "fusedopt (torch)"):
         out["bytes_per_step"] = measure.bytes_per_step(step, restore)
+    if memory is not None:
+        out["state_bytes"], out["held_bytes"] = state_bytes(step)
     del step, restore, params, p  # the optimizer state goes with the step; grads with restore
     gc.collect()
     if device.type == "cuda":
@@ -433,9 +591,12 @@ def measure_impl(opt, impl, masters, clip, args, device) -> dict:
     return out
 
 
-def fits_in_memory(numel: int, elt: int, opt: str, device: torch.device) -> bool:
-    """Masters (params + grads), one working copy (params + grads) and the optimizer state."""
-    need = numel * elt * (4 + STATE_COPIES[opt])
+def fits_in_memory(numel: int, elt: int, opt: str, device: torch.device,
+                   need: int | None = None) -> bool:
+    """Masters (params + grads), one working copy (params + grads) and the optimizer state, or
+    ``need`` bytes."""
+    if need is None:
+        need = numel * elt * (4 + STATE_COPIES[opt])
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
     else:
@@ -448,7 +609,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="the short matrix (see DEFAULTS)")
+    parser.add_argument("--quick", action="store_true",
+                        help="the short matrix (see DEFAULTS, MEMORY_DEFAULTS)")
     parser.add_argument("--shapes", help=f"comma list from bench/shapes.py: {', '.join(shapes.NAMES)}")
     parser.add_argument("--optimizers", help=f"comma list of {', '.join(OPTIMIZERS)}, or "
                         f"'family' for {','.join(FAMILY)}")
@@ -457,17 +619,122 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, help="timed steps per row")
     parser.add_argument("--warmup", type=int, help="untimed steps first (>= 1: state is made then)")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd recipes")
+    parser.add_argument("--memory", nargs="?", const="all", metavar="NAMES",
+                        help="time the memory-lean configurations instead, against torch's "
+                             f"recipes: a comma list of {', '.join(MEMORY)} (all when no names); "
+                             "they name their dtypes (no --dtypes); clip off or on")
     parser.add_argument("--out-dir", default="bench/results", help="where the files go")
     args = parser.parse_args(argv)
-    device_type = torch.device(args.device).type
-    for key, value in DEFAULTS[("cuda" if device_type == "cuda" else "cpu", args.quick)].items():
+    device_type = "cuda" if torch.device(args.device).type == "cuda" else "cpu"
+    memory = args.memory is not None
+    for key, value in (MEMORY_DEFAULTS if memory else DEFAULTS)[(device_type, args.quick)].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.optimizers = ",".join(",".join(FAMILY) if name == "family" else name
                                for name in args.optimizers.split(","))
-    report.split_names(parser, args, {"shapes": shapes.NAMES, "optimizers": OPTIMIZERS,
-                                      "dtypes": DTYPES, "clip": CLIP_MODES})
+    known = {"shapes": shapes.NAMES, "optimizers": OPTIMIZERS, "dtypes": DTYPES,
+             "clip": CLIP_MODES}
+    if memory:
+        if args.dtypes is not None or args.compile:
+            parser.error("--memory: its configurations name their dtypes, and time no "
+                         "torch.compile (no --dtypes, no --compile)")
+        if args.memory == "all":
+            args.memory = ",".join(MEMORY)
+        del known["dtypes"]
+        known.update(memory=MEMORY, clip=("off", "on"),
+                     optimizers=[o for o in OPTIMIZERS if o not in COUNTED])
+    report.split_names(parser, args, known)
     return args
+
+
+def main_memory(args, device, meta) -> None:
+    """--memory: each configuration of args.memory (MEMORY) with fusedopt, and the torch recipes
+    it is measured against, on every shape set and optimizer; the torch recipes of one (param
+    dtype, recipe) are timed once and shared by the configurations that name them."""
+    meta["memory"] = {name: dict(dtype=DTYPE_NAMES[MEMORY[name][0]], recipe=MEMORY[name][2],
+                                 options={k: str(v) for k, v in MEMORY[name][1].items()})
+                      for name in args.memory}
+    busy_start = measure.busy_cpus() if device.type == "cpu" else None
+    measure.warn_if_busy(busy_start, "at start")
+    results, skipped = [], []
+    for set_name in args.shapes:
+        shape_list = shapes.get(set_name)
+        n = shapes.numel(shape_list)
+        for dtype in dict.fromkeys(MEMORY[name][0] for name in args.memory):
+            configs = [name for name in args.memory if MEMORY[name][0] == dtype]
+            elt = torch.empty((), dtype=dtype).element_size()
+            # masters and a working copy (params + grads), and the fp32 master recipe's copy,
+            # grads and fp32 states, the most any row here keeps
+            opts = [o for o in args.optimizers
+                    if fits_in_memory(n, 1, o, device, n * (4 * elt + 8 + 4 * STATE_COPIES[o]))]
+            skipped += [f"{set_name} {DTYPE_NAMES[dtype]} {o}: needs more memory than is free"
+                        for o in args.optimizers if o not in opts]
+            if not opts:
+                continue
+            gen = torch.Generator(device=device).manual_seed(0)
+            masters = ([torch.randn(s, generator=gen, device=device).to(dtype) for s in shape_list],
+                       [torch.randn(s, generator=gen, device=device).to(dtype) for s in shape_list])
+            for clip in args.clip:
+                for opt in opts:
+                    torch_done = set()
+                    for name in configs:
+                        for impl in memory_impls_for(opt, name, device):
+                            ours = impl in OUR_IMPLS
+                            if not ours and impl in torch_done:
+                                continue
+                            torch_done.add(impl)
+                            m = measure_impl(opt, impl, masters, clip, args, device, name)
+                            times = m.pop("times_ms")
+                            median = statistics.median(times)
+                            deciles = (statistics.quantiles(times, n=10, method="inclusive")
+                                       if len(times) > 1 else [median] * 9)
+                            counted = m.pop("bytes_per_step", None)
+                            moved = (counted / n if counted is not None else
+                                     memory_bytes_per_element(opt, name, impl, clip, device.type))
+                            gbs = moved * n / (median * 1e-3) / 1e9
+                            results.append(dict(
+                                shapes=set_name, tensors=len(shape_list), numel=n,
+                                dtype=DTYPE_NAMES[dtype], clip=clip, optimizer=opt,
+                                memory=name if ours else None, recipe=MEMORY[name][2],
+                                impl=impl, median_ms=median, p10_ms=deciles[0],
+                                p90_ms=deciles[-1], bytes_per_element=moved,
+                                bytes_counted=counted is not None,
+                                triton_bytes_per_element=memory_triton_bytes(opt, name, clip),
+                                gb_per_s=gbs, pct_of_copy=100 * gbs / meta["copy_gbs"],
+                                state_bytes_per_param=m.pop("state_bytes") / n,
+                                held_bytes_per_param=m.pop("held_bytes") / n,
+                                times_ms=times, **m))
+                            print(f"{set_name} clip {clip} {opt} "
+                                  f"{name if ours else DTYPE_NAMES[dtype] + ' ' + MEMORY[name][2]}"
+                                  f" {impl}: {median:.3f} ms", file=sys.stderr, flush=True)
+            del masters
+            gc.collect()
+    if device.type == "cpu":
+        busy_end = measure.busy_cpus()
+        measure.warn_if_busy(busy_end, "at the end")
+        meta["busy_cpus"] = (None if busy_start is None or busy_end is None
+                             else f"{busy_start:.2f} / {busy_end:.2f}")
+    meta["skipped"] = skipped
+    torch_rows = [r for r in results if r["memory"] is None]
+    for r in results:
+        if r["memory"] is None:
+            continue
+        same = [q for q in torch_rows if all(q[k] == r[k] for k in (
+            "shapes", "dtype", "clip", "optimizer", "recipe"))]
+        best = min(same, key=lambda q: q["median_ms"])
+        r.update(best_torch_impl=best["impl"], best_torch_ms=best["median_ms"],
+                 speedup_vs_best_torch=best["median_ms"] / r["median_ms"],
+                 best_torch_bytes_per_element=best["bytes_per_element"],
+                 best_torch_state_bytes_per_param=(best["state_bytes_per_param"]
+                                                   + best["held_bytes_per_param"]))
+    files = report.unused_paths(args.out_dir, f"memory-{report.slug(meta['device'])}-"
+                                f"{datetime.date.today().isoformat()}",
+                                "-quick" if args.quick else "", ("md", "json"))
+    text = report.memory_markdown(meta, results) + "".join(f"\nskipped: {s}\n" for s in skipped)
+    files["md"].write_text(text)
+    report.write_json(files["json"], meta, results)
+    print(text)
+    print(f"wrote {files['md']}, {files['json']}")
 
 
 def main(argv=None):
@@ -482,6 +749,8 @@ def main(argv=None):
     meta["hyperparameters"] = {o: OPTIMIZERS[o][2] for o in args.optimizers}
     meta["min_warmup"] = {o: w for o, w in MIN_WARMUP.items()
                           if o in args.optimizers and w > args.warmup}
+    if args.memory is not None:
+        return main_memory(args, device, meta)
     busy_start = measure.busy_cpus() if device.type == "cpu" else None
     measure.warn_if_busy(busy_start, "at start")
     impls = {opt: impls_for(opt, device, args.compile) for opt in args.optimizers}

@@ -11,6 +11,8 @@ FusedLAMB math for LAMB), with SETTINGS' values.
     python bench/train.py --quick                # 50 steps: a smoke run, ~10 s
     python bench/train.py --optimizer lion       # fusedopt.Lion against lion-pytorch's step
     python bench/train.py --steps 2000 --device cuda --out-dir /tmp/train
+    python bench/train.py --memory               # fp32 against bf16 with the memory-lean options
+    python bench/train.py --memory --quick       # 8 steps each: a smoke run, ~10 s
 
 The model is a decoder-only transformer (~110k parameters) trained on characters of a corpus that
 the script generates from its seed (a word-level Markov chain), so nothing is downloaded. Both runs
@@ -19,10 +21,31 @@ other processes falls on both alike. Writes a PNG of the two loss curves and a J
 to ``bench/results/train-[<optimizer>-]<device>-<date>.{png,json}`` (no optimizer in the name for
 the default, AdamW; ``--out-dir`` to change the folder) and prints a summary. Exits non-zero when
 the loss curves differ by more than LOSS_RTOL.
+
+``--memory`` asks another question: what do bf16 params, and fusedopt's memory-lean options
+(``stochastic_rounding``, ``master_weights``, ``state_dtype``: fusedopt/_elementwise.py), do to
+training against fp32? The same model, from one initial state (rounded to nearest into bf16) and
+on the same batches, is trained with ``fusedopt.AdamW(max_grad_norm=1.0)`` once per configuration
+(MEMORY_RUNS; ``--configs`` to choose among ``fp32`` and bench/run.py's MEMORY): the runs take
+turns step by step, in an order rotated every step. A bf16 run's params are bf16 (its forward and
+backward run in bf16, no autocast); the loss is taken in fp32 from its logits. AdamW at
+MEMORY_SETTINGS' lr, smaller than the check's: round to nearest loses every update below half a
+bf16 gap (2**-9 to 2**-8 of the weight: all of the weight decay, every Adam step of a LayerNorm
+weight near 1, and late in the cosine many of the others; see MEMORY_SETTINGS), and that is what
+the options are for. Writes the loss curves overlaid (PNG) and every number (JSON) to
+``bench/results/train-memory-<device>-<date>[-N][-quick].{png,json}`` (a same-day run is kept)
+and prints a table per configuration: final loss (the mean over the last tenth of the steps), its
+gap to fp32's over those steps and the mean |loss - fp32's loss| over all steps, bytes per
+parameter of the optimizer state (every tensor in opt.state) and of param + state, and the median
+ms of a whole training step and of the optimizer step alone. Exits non-zero only when a loss is
+not finite. The default 300 steps take ~4 min on 2 idle CPU cores (bf16 matmuls are slow there,
+and the options run fusedopt's torch-path rule op by op: 100-200 ms a step against fp32's ~12),
+``--quick`` 8 steps.
 """
 import argparse
 import datetime
 import json
+import math
 import os
 import random
 import statistics
@@ -38,7 +61,7 @@ from fusedopt._dispatch import choose_backend
 
 import measure  # bench/ is on sys.path when run as `python bench/train.py`
 import report
-from run import OPTIMIZERS, TorchLAMB, TorchLion  # the step benchmark's table and stand-ins
+from run import MEMORY, OPTIMIZERS, TorchLAMB, TorchLion  # the step benchmark's tables, stand-ins
 
 MAX_NORM = 1.0
 # Largest allowed max_i |loss_a[i] - loss_b[i]| / |loss_a[i]|. The runs differ by float rounding
@@ -81,6 +104,19 @@ SETTINGS = {
 # run and ~10 s for --quick, start-up included; 100-280 ms while another process kept both cores
 # busy (torch's OpenMP threads then wait for each other).
 DEFAULT_STEPS, QUICK_STEPS = 600, 50
+
+# --memory (module docstring): the runs, "fp32" (fp32 params and states, the reference) and
+# bench/run.py's MEMORY names, each (param dtype, fusedopt.AdamW options). "bf16+sr" is bf16
+# params and bf16 moments (state_dtype None: the param's), both rounded stochastically.
+MEMORY_RUNS = ("fp32", "bf16", "bf16+sr", "bf16+sr+fp32-states", "bf16+master",
+               "bf16+master+fp32-states")
+# lr 1e-3 -> 1e-4 (cosine), decay 0.1. Round to nearest loses an update below half the bf16 gap
+# at w, |w| * 2**-9 to |w| * 2**-8: all of the decay (lr * decay = 1e-4 of |w| a step), and
+# Adam's steps (at most ~lr) on weights above 256-512 lr: 0.26-0.51 at lr 1e-3, 0.026-0.051 at
+# 1e-4, where the GPT-2 init's N(0, 0.02) weights sit; LayerNorm's weights at 1 never move.
+MEMORY_SETTINGS = dict(lr=1e-3, lr_min=1e-4, weight_decay=0.1)
+MEMORY_STEPS, MEMORY_QUICK_STEPS = 300, 8
+FINAL_FRACTION = 10  # the final loss: the mean over the last 1/FINAL_FRACTION of the steps
 
 
 # -- data ---------------------------------------------------------------------------------------
@@ -149,7 +185,8 @@ class GPT(nn.Module):
         """Mean next-token cross-entropy of ``idx`` (B, T) against ``targets`` (B, T)."""
         x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
         logits = self.head(self.ln_f(self.blocks(x)))
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        # the loss in fp32 (a bf16 model's logits are bf16; .float() is a no-op in fp32)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
 # -- the two runs -------------------------------------------------------------------------------
@@ -252,6 +289,218 @@ def param_diffs(model_a: GPT, model_b: GPT, d_model: int) -> dict[str, float]:
     return diffs
 
 
+# -- --memory: the memory-lean options against fp32 ---------------------------------------------
+
+def memory_run(name: str) -> tuple[torch.dtype, dict]:
+    """(param dtype, fusedopt.AdamW options) of a --memory run (MEMORY_RUNS)."""
+    return (torch.float32, {}) if name == "fp32" else MEMORY[name][:2]
+
+
+def optimizer_state_bytes(opt) -> int:
+    """Bytes of every tensor in ``opt.state`` (moments, remainders or copies, step counters)."""
+    return sum(v.nbytes for st in opt.state.values() for v in st.values()
+               if isinstance(v, torch.Tensor))
+
+
+def train_memory(models, data, starts, cfg, device, warmup):
+    """Train each (name, model) of ``models`` with fusedopt.AdamW in its --memory configuration
+    on the same batches, the runs taking turns in an order rotated every step.
+
+    Returns per run: losses (before each step's update), pre-clip grad norms, ms per whole step
+    and ms of the optimizer step alone, and the optimizer's state bytes."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    offsets = torch.arange(cfg["block"] + 1, device=device)
+    runs = []
+    for name, model in models:
+        dtype, options = memory_run(name)
+        opt = fusedopt.AdamW(model.parameters(), **cfg["hyperparameters"], **options,
+                             max_grad_norm=MAX_NORM, rounding_seed=cfg["rounding_seed"])
+        runs.append(dict(name=name, param_dtype=str(dtype).replace("torch.", ""),
+                         options={k: str(v) for k, v in options.items()}, model=model, opt=opt,
+                         schedule=cosine(opt, cfg), losses=[], grad_norms=[], ms=[], opt_ms=[]))
+    for i, row in enumerate(starts.to(device)):
+        window = data[row[:, None] + offsets]
+        x, y = window[:, :-1], window[:, 1:]
+        turn = i % len(runs)
+        for run in runs[turn:] + runs[:turn]:
+            sync()
+            start = time.perf_counter()
+            loss = run["model"](x, y)
+            loss.backward()
+            sync()
+            opt_start = time.perf_counter()
+            run["opt"].step()
+            sync()
+            opt_end = time.perf_counter()
+            run["opt"].zero_grad(set_to_none=True)
+            run["schedule"].step()
+            sync()
+            run["ms"].append((time.perf_counter() - start) * 1e3)
+            run["opt_ms"].append((opt_end - opt_start) * 1e3)
+            run["losses"].append(loss.detach())
+            run["grad_norms"].append(run["opt"].grad_norm.detach().clone())
+    for run in runs:
+        run["losses"] = torch.stack(run["losses"]).tolist()
+        run["grad_norms"] = torch.stack(run["grad_norms"]).float().tolist()
+        run["median_ms"] = statistics.median(run["ms"][warmup:])
+        run["median_opt_ms"] = statistics.median(run["opt_ms"][warmup:])
+        params = list(run["model"].parameters())
+        n = sum(p.numel() for p in params)
+        run["state_bytes_per_param"] = optimizer_state_bytes(run["opt"]) / n
+        run["param_bytes_per_param"] = sum(p.nbytes for p in params) / n
+    return runs
+
+
+def compare_to_fp32(runs, steps: int) -> None:
+    """Adds to each run: its final loss (the mean over the last 1/FINAL_FRACTION of the steps), and
+    against the fp32 run, the mean of loss - fp32's loss over those steps (> 0: behind fp32) and
+    the mean |loss - fp32's loss| over all steps (the runs see the same batches, so the batch
+    noise cancels step by step)."""
+    last = max(1, steps // FINAL_FRACTION)
+    ref = next(r for r in runs if r["name"] == "fp32")["losses"]
+    for r in runs:
+        diff = [a - b for a, b in zip(r["losses"], ref)]
+        r.update(final_loss=statistics.fmean(r["losses"][-last:]),
+                 final_gap_to_fp32=statistics.fmean(diff[-last:]),
+                 mean_abs_gap_to_fp32=statistics.fmean(abs(d) for d in diff))
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average (the first points average what there is)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_memory(path, runs, meta, cfg) -> bool:
+    """The runs' loss curves overlaid (smoothed; fp32's raw curve faint behind), and each run's
+    smoothed loss minus fp32's; False without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    window = max(1, cfg["steps"] // 30)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7.5), sharex=True,
+                                      gridspec_kw=dict(height_ratios=[3, 2]))
+    steps = range(cfg["steps"])
+    ref = next(r for r in runs if r["name"] == "fp32")
+    top.plot(steps, ref["losses"], "-", lw=0.6, alpha=0.25, color="black")
+    styles = ["-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1))]
+    for k, r in enumerate(runs):
+        fp32 = r["name"] == "fp32"
+        label = (f"{r['name']}: final {r['final_loss']:.4f}, {r['state_bytes_per_param']:.1f} B "
+                 f"state/param, {r['median_ms']:.0f} ms/step")
+        top.plot(steps, smooth(r["losses"], window), linestyle=styles[k % len(styles)],
+                 lw=3 if fp32 else 1.4, alpha=0.5 if fp32 else 1.0,
+                 color="black" if fp32 else f"C{k}", label=label)
+        if not fp32:
+            bottom.plot(steps, smooth([a - b for a, b in zip(r["losses"], ref["losses"])], window),
+                        linestyle=styles[k % len(styles)], lw=1.4, color=f"C{k}", label=r["name"])
+    top.set_ylabel(f"training loss (nats / char)\n{window}-step mean")
+    top.legend(fontsize=8)
+    top.grid(alpha=0.3)
+    top.set_title(f"fusedopt.AdamW (clip {MAX_NORM}), lr {cfg['lr']} -> {cfg['lr_min']} cosine, "
+                  f"weight decay {cfg['hyperparameters']['weight_decay']}; {cfg['params']:,} "
+                  f"params\n{meta['device']}, torch {meta['torch']}, {meta['date'][:10]}",
+                  fontsize=9)
+    bottom.axhline(0.0, color="black", lw=0.8)
+    bottom.set_ylabel("loss - fp32 run's loss")
+    bottom.set_xlabel("step")
+    bottom.legend(fontsize=8)
+    bottom.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main_memory(args, device) -> None:
+    """--memory (module docstring)."""
+    torch.set_default_dtype(torch.float32)
+    settings = dict(MEMORY_SETTINGS, **({"lr": args.lr, "lr_min": args.lr / 10}
+                                        if args.lr is not None else {}))
+    hyper = {k: v for k, v in settings.items() if k != "lr_min"}
+    cfg = dict(CONFIG, optimizer="adamw", hyperparameters=hyper, lr=hyper["lr"],
+               lr_min=settings["lr_min"], steps=args.steps, warmup=args.warmup, seed=args.seed,
+               rounding_seed=args.rounding_seed, max_grad_norm=MAX_NORM, runs=args.configs,
+               final_steps=max(1, args.steps // FINAL_FRACTION))
+    meta = {
+        "device": measure.device_name(device), "torch": torch.__version__,
+        "triton": measure.versions()["triton"], "fusedopt": fusedopt.__version__,
+        "commit": measure.commit(), "fusedopt_backend": choose_backend(None, {device}),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "load_average_at_start": load_average(),
+    }
+    text = make_corpus(cfg["corpus_chars"], cfg["words"], cfg["successors"], args.seed)
+    vocab = sorted(set(text))
+    data = torch.tensor([vocab.index(c) for c in text], device=device)
+    starts = batch_starts(len(data), cfg["block"], cfg["batch"], args.steps, args.seed)
+    torch.manual_seed(args.seed)
+    shape = (len(vocab), cfg["block"], cfg["d_model"], cfg["n_layer"], cfg["n_head"])
+    base = GPT(*shape).to(device)
+    models = []
+    for name in args.configs:
+        model = GPT(*shape).to(device)
+        model.load_state_dict(base.state_dict())
+        models.append((name, model.to(memory_run(name)[0])))  # bf16: rounded to nearest
+    cfg.update(vocab=len(vocab), params=sum(p.numel() for p in base.parameters()))
+
+    t0 = time.perf_counter()
+    runs = train_memory(models, data, starts, cfg, device, args.warmup)
+    wall_s = time.perf_counter() - t0
+    meta["load_average_at_end"] = load_average()
+    meta["wall_s_all_runs"] = wall_s
+    compare_to_fp32(runs, args.steps)
+
+    stem = report.unused_paths(
+        args.out_dir, f"train-memory-{report.slug(meta['device'])}-"
+        f"{datetime.date.today().isoformat()}", "-quick" if args.quick else "", ("png", "json"))
+    charted = plot_memory(stem["png"], runs, meta, cfg)
+    keys = ("name", "param_dtype", "options", "final_loss", "final_gap_to_fp32",
+            "mean_abs_gap_to_fp32", "state_bytes_per_param", "param_bytes_per_param",
+            "median_ms", "median_opt_ms", "losses", "grad_norms", "ms", "opt_ms")
+    with open(stem["json"], "w") as f:
+        json.dump({"meta": meta, "config": cfg,
+                   "runs": [{k: r[k] for k in keys} for r in runs]}, f, indent=1)
+
+    print(f"# fusedopt memory-lean options in training: {cfg['n_layer']}-layer GPT, "
+          f"{cfg['params']:,} params\n")
+    print(f"- device: {meta['device']}; fusedopt backend: {meta['fusedopt_backend']}")
+    print(f"- torch {meta['torch']}, triton {meta['triton']}, fusedopt {meta['fusedopt']} at "
+          f"{meta['commit']}, {meta['date']}")
+    print(f"- {args.steps} steps of batch {cfg['batch']} x {cfg['block']} chars, fusedopt.AdamW "
+          + ", ".join(f"{k} {v}" for k, v in hyper.items()) + f", lr -> {cfg['lr_min']} (cosine), "
+          f"clip {MAX_NORM}, rounding_seed {args.rounding_seed}; all runs {wall_s:.1f} s")
+    if device.type == "cpu":
+        print(f"- load average at start / end: {meta['load_average_at_start']} / "
+              f"{meta['load_average_at_end']} (other work on these cores slows the steps)")
+    print(f"- final loss: mean of the last {cfg['final_steps']} steps; gap: the same of loss - "
+          "fp32's loss (> 0: behind fp32); mean |gap|: over all steps; state: bytes per param "
+          "of opt.state; ms: median whole step / optimizer step, steps "
+          f"{args.warmup}+\n")
+    print("| run | params | options | final loss | gap to fp32 | mean abs gap | state B/param "
+          "| param + state B/param | step ms | optimizer ms |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in runs:
+        options = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "-"
+        print(f"| {r['name']} | {r['param_dtype']} | {options} | {r['final_loss']:.4f} | "
+              f"{r['final_gap_to_fp32']:+.4f} | {r['mean_abs_gap_to_fp32']:.4f} | "
+              f"{r['state_bytes_per_param']:.2f} | "
+              f"{r['param_bytes_per_param'] + r['state_bytes_per_param']:.2f} | "
+              f"{r['median_ms']:.1f} | {r['median_opt_ms']:.1f} |")
+    print(f"\n- wrote {stem['json']}" + (f" and {stem['png']}" if charted
+                                        else " (no chart: matplotlib is not installed)"))
+    bad = [r["name"] for r in runs if not all(math.isfinite(x) for x in r["losses"])]
+    if bad:
+        sys.exit(f"FAIL: a loss is not finite in {', '.join(bad)}")
+
+
 # -- outputs ------------------------------------------------------------------------------------
 
 def load_average() -> float | None:
@@ -312,13 +561,38 @@ def parse_args(argv=None):
                              f"(default {DEFAULT_OPTIMIZER})")
     parser.add_argument("--seed", type=int, default=0,
                         help="seeds the corpus, the initial weights and the batches")
+    parser.add_argument("--memory", action="store_true",
+                        help="train fusedopt.AdamW in fp32 and in the memory-lean bf16 "
+                             "configurations instead (module docstring)")
+    parser.add_argument("--configs", default=",".join(MEMORY_RUNS),
+                        help="--memory: comma list of fp32 (always run: the reference) and "
+                             f"{', '.join(MEMORY)} (default {','.join(MEMORY_RUNS)})")
+    parser.add_argument("--lr", type=float,
+                        help=f"--memory: the peak lr (default {MEMORY_SETTINGS['lr']}; the cosine "
+                             "ends at a tenth of it)")
+    parser.add_argument("--rounding-seed", type=int, default=0,
+                        help="--memory: fusedopt's rounding_seed (stochastic rounding's bits)")
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                           "results"),
-                        help="folder for train-[<optimizer>-]<device>-<date>.{png,json} "
+                        help="folder for train-[<optimizer>-]<device>-<date>.{png,json}, or "
+                             "train-memory-<device>-<date>[-N][-quick].{png,json} "
                              "(default: bench/results)")
     args = parser.parse_args(argv)
     if args.steps is None:
-        args.steps = QUICK_STEPS if args.quick else DEFAULT_STEPS
+        if args.memory:
+            args.steps = MEMORY_QUICK_STEPS if args.quick else MEMORY_STEPS
+        else:
+            args.steps = QUICK_STEPS if args.quick else DEFAULT_STEPS
+    if args.memory:
+        if args.optimizer != DEFAULT_OPTIMIZER:
+            parser.error("--memory trains AdamW only")
+        names = args.configs.split(",")
+        for name in names:
+            if name != "fp32" and name not in MEMORY:
+                parser.error(f"unknown --configs name {name!r}; known: fp32, {', '.join(MEMORY)}")
+        args.configs = ["fp32"] + [n for n in dict.fromkeys(names) if n != "fp32"]
+    elif args.lr is not None or args.configs != ",".join(MEMORY_RUNS):
+        parser.error("--lr and --configs go with --memory")
     if args.warmup < 0 or args.steps <= args.warmup:
         parser.error("need 0 <= --warmup < --steps")
     return args
@@ -327,6 +601,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device(args.device)
+    if args.memory:
+        return main_memory(args, device)
     torch.set_default_dtype(torch.float32)
     hyper = {k: v for k, v in SETTINGS[args.optimizer].items() if k != "lr_min"}
     cfg = dict(CONFIG, optimizer=args.optimizer, hyperparameters=hyper, lr=hyper["lr"],

@@ -59,6 +59,114 @@ def test_run_py_family_rows(tmp_path):
     assert {r["optimizer"] for r in rows if r["bytes_counted"]} == {"lamb", "adafactor"}
 
 
+MEMORY = ("bf16", "bf16+sr", "bf16+sr+fp32-states", "bf16+master", "bf16+master+fp32-states",
+          "fp16+master", "fp16+master+fp32-states", "fp32+bf16-states")
+
+
+def test_run_py_memory_rows(tmp_path):
+    """--memory: each memory-lean configuration with fusedopt against torch's recipes for its
+    param dtype (the fp32 master copy for master weights), each recipe timed once per dtype;
+    state bytes from opt.state, fusedopt's torch-path bytes counted."""
+    out = run_bench("run.py", "--shapes", "smoke", "--memory", "--optimizers", "adamw",
+                    "--steps", "1", "--warmup", "1", out_dir=tmp_path)
+    assert "fusedopt against the best torch recipe for the same param dtype" in out
+    (md,) = tmp_path.glob("memory-cpu-*.md")
+    data = json.loads(md.with_suffix(".json").read_text())
+    rows = data["results"]
+    assert list(data["meta"]["memory"]) == list(MEMORY)
+    ours = [r for r in rows if r["memory"] is not None]
+    assert [r["memory"] for r in ours] == list(MEMORY)
+    assert all(r["impl"] == "fusedopt (torch)" and r["bytes_counted"] for r in ours)
+    by_name = {r["memory"]: r for r in ours}
+    # bf16 params, fp32 states, int16 remainders, fp32 copies: opt.state bytes per param (the
+    # step counters add 4 bytes per tensor, ~0.003 here)
+    state = {"bf16": 4, "bf16+sr": 4, "bf16+sr+fp32-states": 8, "bf16+master": 6,
+             "bf16+master+fp32-states": 10, "fp16+master": 8, "fp16+master+fp32-states": 12,
+             "fp32+bf16-states": 4}
+    for name, expected in state.items():
+        assert abs(by_name[name]["state_bytes_per_param"] - expected) < 0.01, name
+        assert by_name[name]["held_bytes_per_param"] == 0
+    torch_rows = [r for r in rows if r["memory"] is None]
+    # torch.optim in bf16 and fp32, the master recipe for bf16 and fp16: three impls each, once
+    assert len(torch_rows) == 4 * 3
+    for r in torch_rows:
+        if r["recipe"] == "fp32 master":  # fp32 states in opt.state, fp32 copy + grads beside
+            assert r["impl"].endswith(" + fp32 master") and r["dtype"] in ("bfloat16", "float16")
+            assert abs(r["state_bytes_per_param"] - 8) < 0.01
+            assert r["held_bytes_per_param"] == 8
+        else:
+            assert r["held_bytes_per_param"] == 0
+    assert by_name["bf16+master"]["best_torch_impl"].endswith(" + fp32 master")
+    assert abs(by_name["bf16+master"]["best_torch_state_bytes_per_param"] - 16) < 0.01
+    assert not by_name["bf16+sr"]["best_torch_impl"].endswith(" + fp32 master")
+    assert all(r["median_ms"] > 0 and r["bytes_per_element"] > 0 for r in rows)
+    assert data["meta"]["versions"]["torch"] and data["meta"]["date"]
+
+
+def test_run_py_memory_arguments_and_file_names(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(BENCH))
+    before = set(sys.modules)
+    try:
+        run = importlib.import_module("run")
+        report = importlib.import_module("report")
+        args = run.parse_args(["--memory", "--device", "cpu"])
+        assert args.memory == list(run.MEMORY) and args.clip == ["on"]
+        assert args.optimizers == ["adamw", "sgd"]
+        assert run.parse_args(["--memory", "bf16+sr,fp16+master", "--device", "cpu"]).memory == \
+            ["bf16+sr", "fp16+master"]
+        assert run.parse_args(["--device", "cpu"]).memory is None  # not in the default matrix
+        for bad in (["--memory", "bf17"], ["--memory", "--dtypes", "float32"],
+                    ["--memory", "--clip", "amp"], ["--memory", "--optimizers", "lamb"]):
+            with pytest.raises(SystemExit):
+                run.parse_args(bad + ["--device", "cpu"])
+        first = report.unused_paths(tmp_path, "memory-cpu-2026-01-01", "", ("md", "json"))
+        first["json"].write_text("{}")  # any kind taken takes the name
+        second = report.unused_paths(tmp_path, "memory-cpu-2026-01-01", "", ("md", "json"))
+        assert second["md"].name == "memory-cpu-2026-01-01-2.md"
+    finally:
+        for name in ("run", "measure", "report", "shapes"):
+            if name not in before:
+                sys.modules.pop(name, None)
+
+
+def test_master_recipe_is_fusedopts_master_weights(monkeypatch):
+    """run.make_master_step (torch.optim on fp32 masters copied into bf16 params) computes what
+    fusedopt.AdamW(master_weights=True, state_dtype=torch.float32) does: the same fp32 masters to
+    fp32 rounding, so the two rows of --memory compare like with like. Without the clip: with
+    it, fusedopt's CPU torch path rounds each bf16 grad's norm to bf16, as clip_grad_norm_ does on
+    bf16 grads (fusedopt/clip.py, for speed), where the recipe takes the norm of fp32 copies; the
+    coefficients then differ by up to ~2**-8 and the masters by ~lr / 500 (2e-6 here)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    before = set(sys.modules)
+    try:
+        run = importlib.import_module("run")
+        gen = torch.Generator().manual_seed(0)
+        init = [torch.randn(s, generator=gen).to(torch.bfloat16) for s in ((33, 65), (127,))]
+        grads = [[torch.randn(t.shape, generator=gen).to(torch.bfloat16) for t in init]
+                 for _ in range(4)]
+        steps, finals = {}, {}
+        for impl in ("torch fused + fp32 master", "fusedopt (torch)"):
+            params = [t.clone().requires_grad_() for t in init]
+            for p in params:
+                p.grad = torch.zeros_like(p)
+            step = run.make_step("adamw", impl, params, "off", "bf16+master+fp32-states")
+            for gs in grads:
+                torch._foreach_copy_([p.grad for p in params], gs)
+                step()
+            steps[impl] = step
+            finals[impl] = params
+        ours = steps["fusedopt (torch)"].optimizer
+        masters = steps["torch fused + fp32 master"].held[:2]
+        for p, master in zip(finals["fusedopt (torch)"], masters):
+            torch.testing.assert_close(ours.master_param(p), master, rtol=1e-6, atol=1e-7)
+        for a, b in zip(*finals.values()):  # bf16 params: the masters rounded (ties may differ)
+            torch.testing.assert_close(a, b, rtol=2 ** -8, atol=0)
+    finally:
+        for name in ("run", "measure", "report", "shapes"):
+            if name not in before:
+                sys.modules.pop(name, None)
+
+
 def test_train_py_loss_curves_coincide(tmp_path):
     out = run_bench("train.py", "--steps", "12", "--warmup", "2", out_dir=tmp_path)
     assert "max |loss a - loss b|" in out
@@ -97,6 +205,49 @@ def test_train_py_optimizer(train, optimizer, tmp_path, capsys):
         optimizer, ours.split(".")[1]) in torch_name
     assert data["compare"]["max_rel_loss_diff"] <= train.LOSS_RTOL
     assert "max |loss a - loss b|" in capsys.readouterr().out
+
+
+def test_train_py_memory_quick(train, tmp_path, capsys):
+    """--memory --quick: fp32 and the five bf16 configurations from one state on the same batches,
+    a loss curve and every number each; an earlier same-day run is kept."""
+    (tmp_path / "train-memory-cpu-2000-01-01-quick.json").write_text("{}")  # another day's
+    train.main(["--memory", "--quick", "--warmup", "1", "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "| run | params | options | final loss | gap to fp32 |" in out
+    (result,) = [p for p in tmp_path.glob("train-memory-cpu-*-quick.json") if "2000" not in p.name]
+    assert result.with_suffix(".png").stat().st_size > 0
+    data = json.loads(result.read_text())
+    runs = {r["name"]: r for r in data["runs"]}
+    assert list(runs) == list(train.MEMORY_RUNS)
+    assert data["config"]["steps"] == train.MEMORY_QUICK_STEPS
+    assert runs["fp32"]["param_dtype"] == "float32" and runs["fp32"]["final_gap_to_fp32"] == 0
+    assert all(r["param_dtype"] == "bfloat16" for name, r in runs.items() if name != "fp32")
+    # one initial state: the first loss differs by bf16's forward only; the same batches after
+    first = runs["fp32"]["losses"][0]
+    assert all(abs(r["losses"][0] - first) < 0.01 for r in runs.values())
+    assert all(len(r["losses"]) == len(r["ms"]) == train.MEMORY_QUICK_STEPS for r in runs.values())
+    state = {"fp32": 8, "bf16": 4, "bf16+sr": 4, "bf16+sr+fp32-states": 8, "bf16+master": 6,
+             "bf16+master+fp32-states": 10}  # + 4 B per tensor's step counter, ~0.001 here
+    assert {n: round(r["state_bytes_per_param"], 2) for n, r in runs.items()} == state
+    assert {n: r["param_bytes_per_param"] for n, r in runs.items()} == {
+        n: 4 if n == "fp32" else 2 for n in runs}
+    assert data["config"]["hyperparameters"] == dict(lr=1e-3, weight_decay=0.1)
+    # a second run the same day takes the next name
+    train.main(["--memory", "--quick", "--steps", "2", "--warmup", "1", "--configs",
+                "bf16+master", "--out-dir", str(tmp_path)])
+    second = result.with_name(result.name.replace("-quick", "-2-quick"))
+    assert second.with_suffix(".png").exists() and len(list(tmp_path.glob("*.json"))) == 3
+    data = json.loads(second.read_text())
+    assert [r["name"] for r in data["runs"]] == ["fp32", "bf16+master"]  # fp32 always runs
+
+
+def test_train_py_memory_arguments(train):
+    args = train.parse_args(["--memory"])
+    assert args.steps == train.MEMORY_STEPS and args.configs == list(train.MEMORY_RUNS)
+    for bad in (["--memory", "--configs", "bf17"], ["--memory", "--optimizer", "sgd"],
+                ["--lr", "1e-3"], ["--configs", "bf16"]):
+        with pytest.raises(SystemExit):
+            train.parse_args(bad)
 
 
 # -- bench/tune.py ------------------------------------------------------------------------------
