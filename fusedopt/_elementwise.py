@@ -129,13 +129,19 @@ class ElementwiseStep(ClippedStep):
 
     def load_state_dict(self, state_dict) -> None:
         """torch's, then: groups saved without the memory options (a torch.optim checkpoint) take
-        the constructor's; state columns go back to the saved values' dtype where torch cast them
+        the constructor's (torch.distributed.checkpoint: load with
+        ``DefaultLoadPlanner(allow_partial_load=True)``, as the checkpoint lacks their keys);
+        state columns go back to the saved values' dtype where torch cast them
         to the param's (an fp32 exp_avg of a bf16 param would lose its low bits), and are then
         made the group's state_dtype at the next step (``_state_for``)."""
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             for key, value in self._memory_defaults.items():
-                group.setdefault(key, value)
+                # a None state_dtype is the default, as if not saved: torch.distributed.checkpoint's
+                # load with allow_partial_load=True gives None for a torch.optim checkpoint's
+                # missing group key (torch 2.13), where the constructor's value must win
+                if group.get(key) is None:
+                    group[key] = value
         saved = state_dict["state"]
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]

@@ -1012,3 +1012,43 @@ def test_master_param_refuses_a_tensor_it_does_not_own():
     assert p.item() == 1.5
     with pytest.raises(ValueError, match="not one of this optimizer's parameters"):
         opt.master_param(p.detach())
+
+
+def test_torch_optim_dcp_checkpoint_loads_with_partial_load(tmp_path):
+    """torch.distributed.checkpoint (one process): a torch.optim.AdamW checkpoint of bf16 params
+    into fusedopt.AdamW with master_weights and fp32 states. A strict dcp.load refuses it (the
+    checkpoint lacks the options' keys); allow_partial_load=True loads it, the constructor's
+    options stand (DCP hands back None for the missing state_dtype), and the run continues with
+    torch.optim's moments and step count, its states in fp32 from then on."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4).to(torch.bfloat16)
+    theirs = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 8, dtype=torch.bfloat16)).sum().backward()
+    theirs.step()
+    dcp.save({"optim": get_optimizer_state_dict(model, theirs)}, checkpoint_id=str(tmp_path))
+    ours = fusedopt.AdamW(model.parameters(), lr=1e-3, master_weights=True,
+                          state_dtype=torch.float32)
+    model.zero_grad(set_to_none=True)  # DCP makes the state to load into with a zero-grad step
+    sd = {"optim": get_optimizer_state_dict(model, ours)}
+    with pytest.raises(dcp.api.CheckpointException) as refused:
+        dcp.load(sd, checkpoint_id=str(tmp_path))
+    assert "Missing key" in "".join(map(str, refused.value.failures.values()))
+    sd = {"optim": get_optimizer_state_dict(model, ours)}
+    dcp.load(sd, checkpoint_id=str(tmp_path), planner=DefaultLoadPlanner(allow_partial_load=True))
+    set_optimizer_state_dict(model, ours, sd["optim"])
+    group = ours.param_groups[0]
+    assert group["master_weights"] and group["state_dtype"] == torch.float32
+    expected = {k: v.float() for k, v in theirs.state[model.weight].items() if k != "step"}
+    model(torch.randn(2, 8, dtype=torch.bfloat16)).sum().backward()
+    ours.step()
+    state = ours.state[model.weight]
+    assert float(state["step"]) == 2.0
+    assert state["exp_avg"].dtype == torch.float32 and state["master_remainder"].dtype == torch.int16
+    # the moments went on from torch.optim's: beta1 * m + (1 - beta1) * g, g from the new batch
+    assert not torch.equal(state["exp_avg"], torch.zeros_like(state["exp_avg"]))
+    assert torch.allclose(state["exp_avg"] - 0.1 * model.weight.grad.float(), 0.9 * expected["exp_avg"],
+                          rtol=0, atol=1e-6)
