@@ -403,10 +403,10 @@ MEMORY = {
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 # the hand-kept fp32 master recipe, one per torch implementation of the inner optimizer
 MASTER_IMPLS = {f"{impl} + fp32 master": impl for impl in TORCH_IMPLS}
-# Measured on the 2-core CI machine (bench/results/memory-cpu-*.md): the torch path's rule with
-# stochastic rounding forms its random bits with int64 tensor ops, 0.4-0.6 s a step per 10M bf16
-# AdamW params; the whole --memory run (AdamW and SGD, the three CPU shape sets) takes minutes, so
-# it is a mode of its own and no part of DEFAULTS.
+# On the CPU the options run fusedopt's torch-path rule, whose remainders and random bits are
+# int64 tensor arithmetic: 1.3-3.0 s a step on GPT-2 small in bf16 (torch's fused AdamW: 57 ms),
+# and the whole --memory run (AdamW and SGD, the three CPU shape sets) took 5 min on the 2-core CI
+# machine (bench/results/memory-cpu-2026-11-29.md), so it is a mode of its own, not in DEFAULTS.
 MEMORY_DEFAULTS = {
     ("cpu", True): dict(shapes="resnet50", optimizers="adamw", clip="on", steps=3, warmup=1),
     ("cpu", False): dict(shapes="gpt2-small,resnet50,many-small", optimizers="adamw,sgd",

@@ -11,7 +11,7 @@ FusedLAMB math for LAMB), with SETTINGS' values.
     python bench/train.py --quick                # 50 steps: a smoke run, ~10 s
     python bench/train.py --optimizer lion       # fusedopt.Lion against lion-pytorch's step
     python bench/train.py --steps 2000 --device cuda --out-dir /tmp/train
-    python bench/train.py --memory               # fp32 against bf16 with the memory-lean options
+    python bench/train.py --memory               # fp32 vs bf16 and the memory-lean options, ~2 min
     python bench/train.py --memory --quick       # 8 steps each: a smoke run, ~10 s
 
 The model is a decoder-only transformer (~110k parameters) trained on characters of a corpus that
@@ -38,9 +38,10 @@ and prints a table per configuration: final loss (the mean over the last tenth o
 gap to fp32's over those steps and the mean |loss - fp32's loss| over all steps, bytes per
 parameter of the optimizer state (every tensor in opt.state) and of param + state, and the median
 ms of a whole training step and of the optimizer step alone. Exits non-zero only when a loss is
-not finite. The default 300 steps take ~4 min on 2 idle CPU cores (bf16 matmuls are slow there,
-and the options run fusedopt's torch-path rule op by op: 100-200 ms a step against fp32's ~12),
-``--quick`` 8 steps.
+not finite. The default 1000 steps take ~2 min on 2 idle CPU cores (median steps: fp32 11 ms,
+bf16 15, the options 22-25: on the CPU they run fusedopt's torch-path rule op by op, a 7-11 ms
+optimizer step where the fused AdamW op takes 1), 8 min while other work kept both cores busy;
+``--quick`` 8 steps, ~10 s.
 """
 import argparse
 import datetime
@@ -115,7 +116,9 @@ MEMORY_RUNS = ("fp32", "bf16", "bf16+sr", "bf16+sr+fp32-states", "bf16+master",
 # Adam's steps (at most ~lr) on weights above 256-512 lr: 0.26-0.51 at lr 1e-3, 0.026-0.051 at
 # 1e-4, where the GPT-2 init's N(0, 0.02) weights sit; LayerNorm's weights at 1 never move.
 MEMORY_SETTINGS = dict(lr=1e-3, lr_min=1e-4, weight_decay=0.1)
-MEMORY_STEPS, MEMORY_QUICK_STEPS = 300, 8
+# 1000 steps: the fp32 run nears the corpus' floor (0.29), where plain bf16 stays 0.07 behind
+# (bench/results/train-memory-cpu-2026-11-29.json); at 300 it was 0.12 behind, still falling
+MEMORY_STEPS, MEMORY_QUICK_STEPS = 1000, 8
 FINAL_FRACTION = 10  # the final loss: the mean over the last 1/FINAL_FRACTION of the steps
 
 
@@ -366,13 +369,16 @@ def compare_to_fp32(runs, steps: int) -> None:
 
 
 def smooth(values: list[float], window: int) -> list[float]:
-    """Trailing moving average (the first points average what there is)."""
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v
-        if i >= window:
-            total -= values[i - window]
-        out.append(total / min(i + 1, window))
+    """Centred moving average over ``window`` points (fewer at the ends), so that the curve does
+    not trail the raw one."""
+    sums = [0.0]
+    for v in values:
+        sums.append(sums[-1] + v)
+    half = window // 2
+    out = []
+    for i in range(len(values)):
+        lo, hi = max(0, i - half), min(len(values), i + half + 1)
+        out.append((sums[hi] - sums[lo]) / (hi - lo))
     return out
 
 
