@@ -26,9 +26,12 @@ low bits; a negative remainder says the param was rounded up. ``join_bf16(split_
 for every fp32 bit pattern except NaNs, which become the param 0x7FC0 (the canonical NaN) with
 remainder 0.
 """
+import sys
+
 import torch
 
 MASK = 0xFFFFFFFF
+LO, HI = (0, 1) if sys.byteorder == "little" else (1, 0)  # the int16 halves of an fp32
 SALT = 0x5BD1E995  # the second hash's stream: stream ^ SALT
 
 
@@ -52,20 +55,54 @@ def stream(key: int, step: torch.Tensor) -> torch.Tensor:
     return mix32(step.to(torch.int64) ^ key)
 
 
-def element_bits(stream_: torch.Tensor, second: bool, start: int, shape) -> torch.Tensor:
-    """One hash per element (int64 holding uint32) for the elements ``start, start + 1, ...``
-    (row-major) of a piece of ``shape``: the first (param, s0) or the ``second`` (s1, s2)."""
+def _int32(v):
+    """uint32 values held in int64 (a tensor or a Python int) as the int32 of the same bits."""
+    if isinstance(v, int):
+        return v - (1 << 32) if v >= 1 << 31 else v
+    return torch.where(v >= 1 << 31, v - (1 << 32), v).to(torch.int32)
+
+
+def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
+    """uint32's logical right shift on the int32 of the same bits (>> on int32 is arithmetic)."""
+    return (x >> k) & ((1 << (32 - k)) - 1)
+
+
+def _mix32_int32(x: torch.Tensor) -> torch.Tensor:
+    """mix32 on int32 tensors holding uint32 bits: the adds and multiplies wrap as uint32's do
+    (two's complement), the shifts are made logical. 10x faster than the int64 form on the CPU
+    (98 -> 10 ms for 2**22 elements, 2-core EPYC) and bit for bit the same."""
+    x = x ^ _shr(x, 16)
+    x = x * _int32(0x21F0AAAD)
+    x = x ^ _shr(x, 15)
+    x = x * _int32(0x735A2D97)
+    return x ^ _shr(x, 15)
+
+
+def hashes32(stream_: torch.Tensor, second: bool, start: int, shape) -> torch.Tensor:
+    """One hash per element, as int32 holding its uint32 bits, for the elements ``start, start +
+    1, ...`` (row-major) of a piece of ``shape``: the first (param, s0) or the ``second`` (s1,
+    s2). What the torch path uses; element_bits is the same as uint32 values."""
     n = 1
     for s in shape:
         n *= s
-    index = torch.arange(start, start + n, dtype=torch.int64, device=stream_.device) & MASK
-    salted = stream_ ^ SALT if second else stream_
-    return mix32((index + salted) & MASK).reshape(shape)
+    if start + n <= 1 << 31:
+        index = torch.arange(start, start + n, dtype=torch.int32, device=stream_.device)
+    else:
+        index = _int32(torch.arange(start, start + n, dtype=torch.int64,
+                                    device=stream_.device) & MASK)
+    salted = _int32((stream_ ^ SALT) if second else stream_)
+    return _mix32_int32(index + salted).reshape(shape)
+
+
+def element_bits(stream_: torch.Tensor, second: bool, start: int, shape) -> torch.Tensor:
+    """hashes32 as int64 values in [0, 2**32), the kernel's uint32 values."""
+    return hashes32(stream_, second, start, shape).to(torch.int64) & MASK
 
 
 def column_bits(hashes: torch.Tensor, column: int) -> torch.Tensor:
-    """The 16 random bits of ``column`` (0 the param, 1-3 the state columns) from its hash."""
-    return (hashes >> 16) if column % 2 else hashes & 0xFFFF
+    """The 16 random bits of ``column`` (0 the param, 1-3 the state columns) from its hash
+    (int32 or int64)."""
+    return (hashes >> 16) & 0xFFFF if column % 2 else hashes & 0xFFFF
 
 
 def random_bits(stream_: torch.Tensor, column: int, start: int, shape) -> torch.Tensor:
@@ -73,56 +110,42 @@ def random_bits(stream_: torch.Tensor, column: int, start: int, shape) -> torch.
     return column_bits(element_bits(stream_, column >= 2, start, shape), column)
 
 
-def _bits(x: torch.Tensor) -> torch.Tensor:
-    """The fp32 bit pattern of ``x`` as int64 in [0, 2**32)."""
-    return x.contiguous().view(torch.int32).to(torch.int64) & MASK
-
-
-def _float(bits: torch.Tensor) -> torch.Tensor:
-    """fp32 from int64 bit patterns in [0, 2**32)."""
-    return torch.where(bits >= 1 << 31, bits - (1 << 32), bits).to(torch.int32).view(torch.float32)
-
-
-def _is_nan(bits):
-    return (bits & 0x7FFFFFFF) > 0x7F800000
-
-
 def stochastic_round(x: torch.Tensor, dtype: torch.dtype, r: torch.Tensor) -> torch.Tensor:
-    """fp32 ``x`` rounded stochastically to bf16 or fp16 with random bits ``r`` (module
-    docstring)."""
-    bits = _bits(x.float())
+    """fp32 ``x`` rounded stochastically to bf16 or fp16 with ``r``, 16 random bits per element
+    (0 to 65535, any integer dtype) (module docstring). int32 arithmetic on the fp32 bits: a
+    carry out of the top bit (only from NaN patterns, replaced) wraps."""
+    x = x.float().contiguous()
+    bits = x.view(torch.int32)
+    r = r.to(torch.int32)
+    nan = torch.isnan(x)
     if dtype == torch.bfloat16:
-        hi = ((bits + (r & 0xFFFF)) >> 16) & 0xFFFF
-        hi = torch.where(_is_nan(bits), 0x7FC0, hi)
-        return torch.where(hi >= 1 << 15, hi - (1 << 16), hi).to(torch.int16).view(torch.bfloat16)
+        hi = (bits + r) >> 16  # arithmetic: the sign's copies fill what int16 drops
+        return torch.where(nan, 0x7FC0, hi).to(torch.int16).view(torch.bfloat16)
     if dtype != torch.float16:
         raise AssertionError(f"stochastic rounding to {dtype}")
-    mag, sign = bits & 0x7FFFFFFF, bits & 0x80000000
-    normal = (mag + (r & 0x1FFF)) & 0xFFFFE000
-    q = _float(mag) * 16777216.0  # in units of fp16's subnormal gap 2**-24 (exact)
+    mag = bits & 0x7FFFFFFF
+    normal = torch.where(mag >= 0x7F800000, mag, (mag + (r & 0x1FFF)) & _int32(0xFFFFE000))
+    q = mag.view(torch.float32) * 16777216.0  # in units of fp16's subnormal gap 2**-24 (exact)
     below = torch.floor(q)
-    up = (r & 0xFFFF).to(torch.float32) < (q - below) * 65536.0
-    small = _bits((below + up.to(torch.float32)) * 5.960464477539063e-08)
+    up = r.to(torch.float32) < (q - below) * 65536.0
+    small = ((below + up.to(torch.float32)) * 5.960464477539063e-08).view(torch.int32)
     out = torch.where(mag < 0x38800000, small, normal)  # 0x38800000: 2**-14
-    out = torch.where(mag >= 0x7F800000, mag, out)
-    return _float(out | sign).to(torch.float16)
+    return (out | (bits & _int32(0x80000000))).view(torch.float32).to(torch.float16)
 
 
 def split_bf16(x: torch.Tensor):
-    """fp32 master ``x`` -> (bf16 param, int16 remainder) (module docstring)."""
-    bits = _bits(x)
-    lo = bits & 0xFFFF
-    hi = (bits >> 16) + (lo >> 15)
-    nan = _is_nan(bits)
-    hi = torch.where(nan, 0x7FC0, hi) & 0xFFFF
-    lo = torch.where(nan, 0, lo)
-    as16 = lambda v: torch.where(v >= 1 << 15, v - (1 << 16), v).to(torch.int16)  # noqa: E731
-    return as16(hi).view(torch.bfloat16), as16(lo)
+    """fp32 master ``x`` -> (bf16 param, int16 remainder) (module docstring), on the int16
+    halves of its bits."""
+    halves = x.contiguous().view(torch.int16).view(*x.shape, 2)
+    lo, hi = halves[..., LO], halves[..., HI]
+    nan = torch.isnan(x)
+    hi = hi + (lo < 0).to(torch.int16)  # rounded up when the low half is 0x8000 or more
+    return (torch.where(nan, 0x7FC0, hi).view(torch.bfloat16),
+            torch.where(nan, 0, lo).to(torch.int16))
 
 
 def join_bf16(p: torch.Tensor, rem: torch.Tensor) -> torch.Tensor:
     """(bf16 param, int16 remainder) -> the fp32 master value."""
-    hi = p.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
-    rem = rem.to(torch.int64)
-    hi = (hi - (rem < 0).to(torch.int64)) & 0xFFFF
-    return _float((hi << 16) | (rem & 0xFFFF))
+    hi = p.contiguous().view(torch.int16) - (rem < 0).to(torch.int16)
+    halves = (rem.to(torch.int16), hi) if LO == 0 else (hi, rem.to(torch.int16))
+    return torch.stack(halves, dim=-1).view(torch.float32).squeeze(-1)
