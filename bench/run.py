@@ -647,6 +647,17 @@ def parse_args(argv=None):
     return args
 
 
+
+def _close_meta(meta, device, busy_start, skipped) -> None:
+    """The run's end in its metadata: how busy the CPUs were at start and end (a warning when
+    they were), and what was skipped."""
+    if device.type == "cpu":
+        busy_end = measure.busy_cpus()
+        measure.warn_if_busy(busy_end, "at the end")
+        meta["busy_cpus"] = (None if busy_start is None or busy_end is None
+                             else f"{busy_start:.2f} / {busy_end:.2f}")
+    meta["skipped"] = skipped
+
 def main_memory(args, device, meta) -> None:
     """--memory: each configuration of args.memory (MEMORY) with fusedopt, and the torch recipes
     it is measured against, on every shape set and optimizer; the torch recipes of one (param
@@ -709,12 +720,7 @@ def main_memory(args, device, meta) -> None:
                                   f" {impl}: {median:.3f} ms", file=sys.stderr, flush=True)
             del masters
             gc.collect()
-    if device.type == "cpu":
-        busy_end = measure.busy_cpus()
-        measure.warn_if_busy(busy_end, "at the end")
-        meta["busy_cpus"] = (None if busy_start is None or busy_end is None
-                             else f"{busy_start:.2f} / {busy_end:.2f}")
-    meta["skipped"] = skipped
+    _close_meta(meta, device, busy_start, skipped)
     torch_rows = [r for r in results if r["memory"] is None]
     for r in results:
         if r["memory"] is None:
@@ -807,12 +813,7 @@ def main(argv=None):
                               file=sys.stderr, flush=True)
             del masters
             gc.collect()
-    if device.type == "cpu":
-        busy_end = measure.busy_cpus()
-        measure.warn_if_busy(busy_end, "at the end")
-        meta["busy_cpus"] = (None if busy_start is None or busy_end is None
-                             else f"{busy_start:.2f} / {busy_end:.2f}")
-    meta["skipped"] = skipped
+    _close_meta(meta, device, busy_start, skipped)
     for r in results:  # speedup against the fastest torch recipe of the same workload
         same = [q for q in results if q["impl"] in TORCH_IMPLS + (COMPILED,) and all(
             q[k] == r[k] for k in ("shapes", "dtype", "clip", "optimizer"))]

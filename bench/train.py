@@ -432,6 +432,17 @@ def plot_memory(path, runs, meta, cfg) -> bool:
     return True
 
 
+
+def corpus_and_shape(cfg, args, device):
+    """The generated corpus as token ids on ``device``, every step's batch starts, and the GPT's
+    shape for its vocabulary; torch's generator seeded for the model's initialisation."""
+    text = make_corpus(cfg["corpus_chars"], cfg["words"], cfg["successors"], args.seed)
+    vocab = sorted(set(text))
+    data = torch.tensor([vocab.index(c) for c in text], device=device)
+    starts = batch_starts(len(data), cfg["block"], cfg["batch"], args.steps, args.seed)
+    torch.manual_seed(args.seed)
+    return data, starts, (len(vocab), cfg["block"], cfg["d_model"], cfg["n_layer"], cfg["n_head"])
+
 def main_memory(args, device) -> None:
     """--memory (module docstring)."""
     torch.set_default_dtype(torch.float32)
@@ -449,19 +460,14 @@ def main_memory(args, device) -> None:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "load_average_at_start": load_average(),
     }
-    text = make_corpus(cfg["corpus_chars"], cfg["words"], cfg["successors"], args.seed)
-    vocab = sorted(set(text))
-    data = torch.tensor([vocab.index(c) for c in text], device=device)
-    starts = batch_starts(len(data), cfg["block"], cfg["batch"], args.steps, args.seed)
-    torch.manual_seed(args.seed)
-    shape = (len(vocab), cfg["block"], cfg["d_model"], cfg["n_layer"], cfg["n_head"])
+    data, starts, shape = corpus_and_shape(cfg, args, device)
     base = GPT(*shape).to(device)
     models = []
     for name in args.configs:
         model = GPT(*shape).to(device)
         model.load_state_dict(base.state_dict())
         models.append((name, model.to(memory_run(name)[0])))  # bf16: rounded to nearest
-    cfg.update(vocab=len(vocab), params=sum(p.numel() for p in base.parameters()))
+    cfg.update(vocab=shape[0], params=sum(p.numel() for p in base.parameters()))
 
     t0 = time.perf_counter()
     runs = train_memory(models, data, starts, cfg, device, args.warmup)
@@ -630,16 +636,11 @@ def main(argv=None):
         "load_average_at_start": load_average(),
     }
 
-    text = make_corpus(cfg["corpus_chars"], cfg["words"], cfg["successors"], args.seed)
-    vocab = sorted(set(text))
-    data = torch.tensor([vocab.index(c) for c in text], device=device)
-    starts = batch_starts(len(data), cfg["block"], cfg["batch"], args.steps, args.seed)
-    torch.manual_seed(args.seed)
-    shape = (len(vocab), cfg["block"], cfg["d_model"], cfg["n_layer"], cfg["n_head"])
+    data, starts, shape = corpus_and_shape(cfg, args, device)
     model_a = GPT(*shape).to(device)
     model_b = GPT(*shape).to(device)
     model_b.load_state_dict(model_a.state_dict())  # identical starting weights
-    cfg.update(vocab=len(vocab), params=sum(p.numel() for p in model_a.parameters()))
+    cfg.update(vocab=shape[0], params=sum(p.numel() for p in model_a.parameters()))
 
     t0 = time.perf_counter()
     runs = train([model_a, model_b], data, starts, cfg, device, args.warmup)
@@ -676,7 +677,7 @@ def main(argv=None):
     print(f"# fusedopt training check: {cfg['n_layer']}-layer GPT, {cfg['params']:,} params, fp32\n")
     print(f"- device: {meta['device']}; fusedopt backend: {meta['fusedopt_backend']}")
     print(f"- torch {meta['torch']}, triton {meta['triton']}, fusedopt {meta['fusedopt']}, {meta['date']}")
-    print(f"- {args.steps} steps of batch {cfg['batch']} x {cfg['block']} chars (vocab {len(vocab)}), "
+    print(f"- {args.steps} steps of batch {cfg['batch']} x {cfg['block']} chars (vocab {shape[0]}), "
           f"{args.optimizer} " + ", ".join(f"{k} {v}" for k, v in hyper.items())
           + f", lr -> {cfg['lr_min']} (cosine), clip "
           f"{MAX_NORM} (active in {compare['clipped_steps']}/{args.steps} steps); both runs "

@@ -136,8 +136,9 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, r: torch.Tensor) -> to
 def split_bf16(x: torch.Tensor):
     """fp32 master ``x`` -> (bf16 param, int16 remainder) (module docstring), on the int16
     halves of its bits."""
-    halves = x.contiguous().view(torch.int16).view(*x.shape, 2)
-    lo, hi = halves[..., LO], halves[..., HI]
+    flat = x.contiguous().reshape(-1)  # a 0-dim tensor has no element-size view
+    halves = flat.view(torch.int16).view(-1, 2)
+    lo, hi = halves[:, LO].reshape(x.shape), halves[:, HI].reshape(x.shape)
     nan = torch.isnan(x)
     hi = hi + (lo < 0).to(torch.int16)  # rounded up when the low half is 0x8000 or more
     return (torch.where(nan, 0x7FC0, hi).view(torch.bfloat16),
