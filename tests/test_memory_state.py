@@ -1014,6 +1014,7 @@ def test_master_param_refuses_a_tensor_it_does_not_own():
         opt.master_param(p.detach())
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")  # one process
 def test_torch_optim_dcp_checkpoint_loads_with_partial_load(tmp_path):
     """torch.distributed.checkpoint (one process): a torch.optim.AdamW checkpoint of bf16 params
     into fusedopt.AdamW with master_weights and fp32 states. A strict dcp.load refuses it (the
