@@ -92,3 +92,15 @@ def choose_backend(requested: str | None, devices: set[torch.device],
             f"fusedopt's torch path runs on torch's fused optimizer kernels, which do not exist for "
             f"device type(s) {unsupported}; supported: {list(_TORCH_FUSED_DEVICE_TYPES)}")
     return "torch"
+
+
+def torch_reason(requested: str | None, devices: set[torch.device], obstacle: str | None) -> str:
+    """Why choose_backend picked the torch path for parameters on ``devices`` (its reasons, in
+    its order), in a few words for ``opt.last_step``."""
+    if requested == "torch":
+        return "backend='torch' was asked"
+    if obstacle is not None:
+        return obstacle
+    if not devices:
+        return "no parameter has a grad"
+    return triton_unavailable_reason(devices) or "the kernels were not asked for"

@@ -20,20 +20,40 @@ import torch
 PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
-def tensors_fit_kernel(tensors: list[torch.Tensor], dtypes, device: torch.device,
-                       same_dtype: bool = True) -> bool:
-    """Whether one row of tensors (param, grad, state...) can go through a kernel: plain tensors
-    (PLAIN_TYPES) on ``device``, dtypes in ``dtypes`` (fp64 cannot), the same one unless
-    ``same_dtype`` is False (a row's state dtype and master column are the class's to keep
-    consistent: fusedopt/_elementwise.py), same numel and not empty (an empty tensor has no
-    block to advance Adam's counter: the torch path does it), contiguous, 16-byte aligned (the
-    kernels use 128-bit accesses). Others take the torch path, tensor by tensor."""
+def unfit_reason(tensors: list[torch.Tensor], dtypes, device: torch.device,
+                 same_dtype: bool = True) -> str | None:
+    """Why one row of tensors (param, grad, state...) cannot go through a kernel, in a few words;
+    None when it can: plain tensors (PLAIN_TYPES) on ``device``, dtypes in ``dtypes`` (fp64
+    cannot), the same one unless ``same_dtype`` is False (a row's state dtype and master column
+    are the class's to keep consistent: fusedopt/_elementwise.py), same numel and not empty (an
+    empty tensor has no block to advance Adam's counter: the torch path does it), contiguous,
+    16-byte aligned (the kernels use 128-bit accesses). Others take the torch path, tensor by
+    tensor (``opt.last_step`` counts them by this reason)."""
     first = tensors[0]
     n = first.numel()
-    return n > 0 and first.dtype in dtypes and all(
-        type(t) in PLAIN_TYPES and t.device == device and t.dtype in dtypes
-        and (t.dtype == first.dtype or not same_dtype)
-        and t.numel() == n and t.is_contiguous() and t.data_ptr() % 16 == 0 for t in tensors)
+    if n == 0:
+        return "empty"
+    for t in tensors:
+        if type(t) not in PLAIN_TYPES:
+            return f"a {type(t).__name__}, not a plain tensor"
+        if t.dtype not in dtypes or (same_dtype and t.dtype != first.dtype):
+            return f"{t.dtype} (kernels take {', '.join(str(d) for d in dtypes)})" \
+                if t.dtype not in dtypes else "param and grad of different dtypes"
+        if t.device != device:
+            return f"on {t.device}, not {device}"
+        if t.numel() != n:
+            return "a grad or state of another size than its param"
+        if not t.is_contiguous():
+            return "not contiguous"
+        if t.data_ptr() % 16:
+            return "not 16-byte aligned"
+    return None
+
+
+def tensors_fit_kernel(tensors: list[torch.Tensor], dtypes, device: torch.device,
+                       same_dtype: bool = True) -> bool:
+    """unfit_reason(...) is None."""
+    return unfit_reason(tensors, dtypes, device, same_dtype) is None
 
 
 def scalars_fit_kernel(scalars: list[torch.Tensor], device: torch.device) -> bool:

@@ -30,7 +30,8 @@ from fusedopt import nonfinite as _nonfinite
 from fusedopt._dispatch import interpreting
 from fusedopt._distributed import NormReduce, is_dtensor, local
 from fusedopt._multi_tensor import (DeviceInts, LaunchTable, device_guard, norm_grid,
-                                     scalars_fit_kernel, tensors_fit_kernel, update_grid)
+                                     scalars_fit_kernel, unfit_reason, update_grid)
+from fusedopt._report import StepReport
 from fusedopt._state import TrackedState
 
 _GRAD = operator.attrgetter("grad")
@@ -219,6 +220,7 @@ class StepPlan:
         self.snapshots = []  # the plan's own scratch (kernels/update.py's SNAP column)
         owners = []  # (param group, index among its params with a grad) of each static
         launches: dict[torch.dtype, _DtypeLaunches] = {}
+        fallback_why: dict[str, int] = {}  # why tensors take the torch path: how many
         for gi, (group, params) in enumerate(zip(opt.param_groups, gathered)):
             entry = _GroupEntry(group, opt)
             if self.dtensor:
@@ -227,15 +229,19 @@ class StepPlan:
             for i, p in enumerate(params):
                 row = None
                 counts = counted is None or counted[at + i]
-                if tensors_fit_kernel([local(p), local(p.grad)], KERNEL_DTYPES, device):
+                why = unfit_reason([local(p), local(p.grad)], KERNEL_DTYPES, device)
+                if why is None:
                     row = opt._kernel_row(group, p)  # may create p's state
                     tensors, scalars, _ = row
-                    if not (tensors_fit_kernel(list(map(local, tensors)),
-                                               KERNEL_DTYPES + (torch.int16,), device,
-                                               same_dtype=False)
-                            and scalars_fit_kernel(scalars, device)):
+                    why = unfit_reason(list(map(local, tensors)), KERNEL_DTYPES + (torch.int16,),
+                                       device, same_dtype=False)
+                    if why is None and not scalars_fit_kernel(scalars, device):
+                        why = "a step counter not a 1-element fp32 tensor on its device"
+                    if why is not None:
                         row = None
+                        why = f"state {why}"
                 if row is None:
+                    fallback_why[why] = fallback_why.get(why, 0) + 1
                     entry.fallback.append(i)
                     entry.fallback_params.append(p)
                     entry.fallback_counted.append(counts)
@@ -274,6 +280,8 @@ class StepPlan:
                 launch.build(self.cfg)
         self.launches = list(launches.values())
         self.has_fallback = any(e.fallback for e in self.entries)
+        n_torch = sum(fallback_why.values())
+        self.report = StepReport("triton", len(flat) - n_torch, n_torch, tuple(fallback_why.items()))
 
     def _static_ptrs(self) -> list[int]:
         if self.dtensor:
@@ -409,8 +417,10 @@ def step_triton(opt, gathered, guard, device):
     plan = StepPlan(opt, gathered, device)
     if not plan.launches:
         opt.__dict__.pop("_step_plan", None)
+        opt.last_step = StepReport("torch", 0, plan.report.torch_tensors, plan.report.why_torch)
         return opt._step_torch(gathered, guard)
     opt._step_plan = plan if plan.reusable else None
+    opt.last_step = plan.report
     # the plan's own checks ran on these very tensors while it was built
     with_grad = [[local(p.grad) for p in ps] for ps in gathered]
     per_dtype = [list(map(_DATA_PTR, launch.grads_of(with_grad))) for launch in plan.launches]

@@ -11,10 +11,11 @@ import torch
 
 from fusedopt import clip as _clip
 from fusedopt import nonfinite as _nonfinite
-from fusedopt._dispatch import check_backend, choose_backend, first_subclass
+from fusedopt._dispatch import check_backend, choose_backend, first_subclass, torch_reason
 from fusedopt._distributed import (NormReduce, check_norm_group, group_device, is_dtensor,
                                    is_process_group, local)
 from fusedopt._grouping import group_by_device_dtype, pick
+from fusedopt._report import StepReport
 from fusedopt._state import tracked_copy
 
 # Instance attributes that torch.optim.Optimizer.__getstate__ would drop (pickle, deepcopy).
@@ -196,6 +197,10 @@ class ClippedStep:
         self.grad_norm: torch.Tensor | None = None
         self.step_skipped: torch.Tensor | None = None
 
+    # What the last step ran (fusedopt/_report.StepReport: backend, tensors in the kernels and on
+    # the torch path, and why); None before the first step. ``backend`` is what was asked.
+    last_step: StepReport | None = None
+
     # GradScaler.step hands this step grad_scale and found_inf instead of unscaling the grads
     # itself and syncing to decide whether to call step (nonfinite.StepGuard.for_step). A class
     # attribute, so that it survives pickling (torch sets it per instance, for fused=True only).
@@ -321,16 +326,19 @@ class ClippedStep:
         inputs = None if plan is None else plan.inputs(self)
         if inputs is not None:
             self.step_skipped = plan.run(self, inputs, guard)
+            self.last_step = plan.report
         else:
             self._step_plan = None
             gathered = self._gather()
             params = [p for ps in gathered for p in ps]
             devices = {p.device for p in params}
-            if devices and choose_backend(self.backend, devices,
-                                          self._kernel_obstacle(params)) == "triton":
+            obstacle = self._kernel_obstacle(params) if devices else None
+            if devices and choose_backend(self.backend, devices, obstacle) == "triton":
                 from fusedopt._triton_step import step_triton
                 self.step_skipped = step_triton(self, gathered, guard, next(iter(devices)))
             else:
+                self.last_step = StepReport("torch", 0, len(params), (
+                    (torch_reason(self.backend, devices, obstacle), len(params)),))
                 self.step_skipped = self._step_torch(gathered, guard)
         if guard.policy == "raise" and self.step_skipped is not None and bool(self.step_skipped):
             # the Triton path never writes .grad, so the culprit can be found after the step
@@ -448,4 +456,5 @@ class ClippedStep:
     def __repr__(self) -> str:
         settings = ", ".join(f"{k}={getattr(self, k)!r}" for k in _OWN_ATTRS[:6]
                              if k != "norm_group" or self.norm_group is not None)
-        return f"fusedopt.{super().__repr__()[:-1]}{settings}\n)"
+        ran = "none yet" if self.last_step is None else str(self.last_step)
+        return f"fusedopt.{super().__repr__()[:-1]}{settings}\nlast step: {ran}\n)"
