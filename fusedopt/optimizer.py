@@ -6,6 +6,8 @@ gather the (param, grad) pairs of every group, value-clamp, take the global norm
 (device, dtype) group to the class's ``_update_`` with the clip folded in.
 """
 import copy
+import re
+import textwrap
 
 import torch
 
@@ -107,24 +109,49 @@ _GRAD_DOC = {
 }
 
 
+def _reflow(text: str, indent: str, width: int = 100) -> str:
+    """``text``'s paragraphs (split at blank lines) refilled to ``width`` columns at ``indent``."""
+    paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text.strip())]
+    return "\n\n".join(textwrap.fill(p, width, initial_indent=indent, subsequent_indent=indent,
+                                     break_long_words=False, break_on_hyphens=False)
+                       for p in paragraphs if p)
+
+
 def class_doc(summary: str, update_math: str, args: str, name: str, state_note: str = "",
               reference: str | None = None, kernels: bool = True) -> str:
-    """A class docstring: summary, the math block (clip lines first), Args, differences from the
-    reference (torch.optim.<name> unless ``reference`` names another). ``kernels``: whether the
-    class has a Triton path (ClippedStep._NO_KERNELS unset)."""
+    """A class docstring: summary, the update rules (the clip's lines first), Args, differences
+    from the reference (torch.optim.<name> unless ``reference`` names another). ``kernels``:
+    whether the class has a Triton path (ClippedStep._NO_KERNELS unset).
+
+    ``update_math``: the class's rules after the clip, plain text for a terminal (help(),
+    IPython's ``?``; no LaTeX), one per line at 8 spaces, a condition from column 56 where there
+    is one. The summary is wrapped at 96 columns and the Differences paragraphs refilled at 100
+    (help() removes the docstring's 4-space indent and shows every line 4 columns in), so that no
+    line passes 100 columns, as written or as shown."""
     reference = reference or f"torch.optim.{name}"
     backend_doc, grad_doc = _BACKEND_DOC[kernels], _GRAD_DOC[kernels]
     memory_doc = _MEMORY_DOC[kernels]
-    return rf"""{summary}
+    differences = _reflow(
+        "clipping happens inside ``step``, over every param with a grad in every group, and "
+        "``grad_norm`` holds the pre-clip total norm (a 0-dim tensor on the params' device, None "
+        "until a step with ``max_grad_norm`` set). ``step_skipped`` is the last step's skip flag "
+        "(a 0-dim fp32 tensor on the device, 1.0 when skipped) when it could skip (a GradScaler, "
+        "or ``nonfinite`` other than \"propagate\"), else None. Sharded, both are global: the "
+        "same on every rank (``grad_norm`` is a plain tensor where ``clip_grad_norm_`` on "
+        "DTensors returns a replicated DTensor of the same value)." + state_note + " " + grad_doc,
+        " " * 8)
+    summary = "\n    ".join(textwrap.wrap(summary, 96, break_long_words=False,
+                                         break_on_hyphens=False))
+    return f"""{summary}
 
-    .. math::
-        \begin{{aligned}}
-            & g \leftarrow \mathrm{{clamp}}(\nabla f, -v, v)
-                \hspace{{5mm}} \text{{(if max\_grad\_value }} v \text{{)}} \\
-            & g \leftarrow g \cdot \min\!\big(1, n / (\lVert g \rVert + 10^{{-6}})\big)
-                \hspace{{5mm}} \text{{(if max\_grad\_norm }} n \text{{, norm over all groups)}} \\
+    The step, one rule per line, in order. p is a parameter, g its gradient, t the number of p's
+    steps (this one included), ||g|| the norm_type norm over the gradients of every param group
+    (and of every rank of norm_group); other names are the constructor's arguments. "x <- ..."
+    gives x a new value (p, g, or a state tensor: m, v, ...), "x = ..." names one.
+
+        g <- clamp(g, -v, v)                            if max_grad_value = v
+        g <- g * min(1, n / (||g|| + 1e-6))             if max_grad_norm = n
 {update_math}
-        \end{{aligned}}
 
     Args:
 {args}
@@ -147,13 +174,7 @@ def class_doc(summary: str, update_math: str, args: str, name: str, state_note: 
             none: their placements say it.{memory_doc}
 
     Differences from {reference}:
-        clipping happens inside ``step``, over every param with a grad in every group, and
-        ``grad_norm`` holds the pre-clip total norm (a 0-dim tensor on the params' device, None
-        until a step with ``max_grad_norm`` set). ``step_skipped`` is the last step's skip flag (a
-        0-dim fp32 tensor on the device, 1.0 when skipped) when it could skip (a GradScaler, or
-        ``nonfinite`` other than "propagate"), else None. Sharded, both are global: the same on
-        every rank (``grad_norm`` is a plain tensor where ``clip_grad_norm_`` on DTensors returns
-        a replicated DTensor of the same value).{state_note} {grad_doc}
+{differences}
     """
 
 

@@ -140,17 +140,21 @@ def adafactor_torch_(params, grads, states, *, lr, beta2_decay, eps1, eps2, d, w
     torch._foreach_add_(steps, 1.0 if found_inf is None else 1.0 - found_inf)
 
 
-_MATH = r"""            & g \leftarrow -g \text{ if maximize}; \quad
-              1 - \hat\beta_{2,t} = t^{\tau}; \quad \rho_t = \min(\gamma, 1/\sqrt{t}); \quad
-              \alpha_t = \max(\epsilon_2, \mathrm{RMS}(\theta))\, \rho_t; \quad
-              \theta \leftarrow \theta (1 - \gamma\lambda) \\
-            & \dim \ge 2: \ R \leftarrow \hat\beta_{2,t} R + (1 - \hat\beta_{2,t})
-              \,\mathrm{mean}_{-1}(g^2); \
-              C \leftarrow \hat\beta_{2,t} C + (1 - \hat\beta_{2,t}) \,\mathrm{mean}_{-2}(g^2); \
-              \hat V = R C / \max(\mathrm{mean}_{-2} R, \epsilon_1) \\
-            & \text{else: } \hat V \leftarrow \hat\beta_{2,t} \hat V + (1 - \hat\beta_{2,t}) g^2 \\
-            & U = g / \max(\sqrt{\hat V}, \epsilon_1); \quad
-              \theta \leftarrow \theta - \alpha_t \, U / \max(1, \mathrm{RMS}(U) / d)"""
+_MATH = """\
+        g <- -g                                         if maximize
+        (eps1, eps2) = eps;  RMS(x) = ||x||_2 / sqrt(x.numel())
+        beta2_t = 1 - t^beta2_decay
+        rho_t = min(lr, 1 / sqrt(t))
+        alpha_t = max(eps2, RMS(p)) * rho_t
+        p <- p * (1 - lr * weight_decay)                (after RMS(p) above)
+        if p has 2+ dims (state row_var R, col_var C, factored over the last two dims):
+            R <- beta2_t * R + (1 - beta2_t) * mean(g^2, dim=-1)
+            C <- beta2_t * C + (1 - beta2_t) * mean(g^2, dim=-2)
+            V = (R @ C) / max(mean(R, dim=-2), eps1)
+        else (state variance V):
+            V <- beta2_t * V + (1 - beta2_t) * g^2
+        U = g / max(sqrt(V), eps1)
+        p <- p - alpha_t * U / max(1, RMS(U) / d)"""
 
 _STATE_NOTE = """
         ``state['step']`` is an fp32 tensor on the param's device (torch keeps it on the CPU and

@@ -8,10 +8,11 @@ from fusedopt._elementwise import (ElementwiseStep, fused_counted_, new_state_li
 from fusedopt._grouping import pick
 from fusedopt.optimizer import class_doc, host_float, scalar_on, split_for_fused_op
 
-_MATH = r"""            & g \leftarrow -g \text{ if maximize}; \quad g \leftarrow g + \lambda\theta; \quad
-              \tilde\gamma \leftarrow \gamma / (1 + (t - 1)\eta) \\
-            & s \leftarrow s + g^2; \quad
-              \theta \leftarrow \theta - \tilde\gamma \, g / (\sqrt{s} + \epsilon)"""
+_MATH = """\
+        g <- -g                                         if maximize
+        g <- g + weight_decay * p
+        s <- s + g^2                                    (s starts at initial_accumulator_value)
+        p <- p - lr / (1 + (t - 1) * lr_decay) * g / (sqrt(s) + eps)"""
 
 
 class Adagrad(ElementwiseStep, torch.optim.Adagrad):

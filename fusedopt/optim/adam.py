@@ -75,14 +75,15 @@ class _AdamStep(ElementwiseStep):
             grad_scale=grad_scale, found_inf=found_inf)
 
 
-_MATH = r"""            & g \leftarrow -g \text{ if maximize}; \quad
-              \text{Adam: } g \leftarrow g + \lambda\theta; \quad
-              \text{AdamW: } \theta \leftarrow \theta (1 - \gamma\lambda) \\
-            & m \leftarrow \beta_1 m + (1 - \beta_1) g; \quad
-              v \leftarrow \beta_2 v + (1 - \beta_2) g^2; \quad
-              \hat v \leftarrow \max(\hat v, v) \text{ if amsgrad, else } v \\
-            & \theta \leftarrow \theta - \frac{\gamma}{1 - \beta_1^t} \, m \,/\,
-              \big(\sqrt{\hat v} / \sqrt{1 - \beta_2^t} + \epsilon\big)"""
+_MATH = """\
+        g <- -g                                         if maximize
+        g <- g + weight_decay * p                       Adam (decoupled_weight_decay=False)
+        p <- p * (1 - lr * weight_decay)                AdamW; Adam(decoupled_weight_decay=True)
+        m <- beta1 * m + (1 - beta1) * g
+        v <- beta2 * v + (1 - beta2) * g^2
+        v_max <- max(v_max, v)                          if amsgrad (state max_exp_avg_sq)
+        v_hat = v_max if amsgrad, else v
+        p <- p - lr / (1 - beta1^t) * m / (sqrt(v_hat) / sqrt(1 - beta2^t) + eps)"""
 
 _STATE_NOTE = ("\n        ``state['step']`` is an fp32 tensor on the param's device (torch's fused layout; on\n"
                "        CPU also its default one).")

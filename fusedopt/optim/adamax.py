@@ -5,10 +5,12 @@ from torch.optim.adamax import adamax as torch_adamax
 from fusedopt._elementwise import ElementwiseStep, ln, new_state_like, new_step
 from fusedopt.optimizer import class_doc, host_float
 
-_MATH = r"""            & g \leftarrow -g \text{ if maximize}; \quad g \leftarrow g + \lambda\theta \\
-            & m \leftarrow \beta_1 m + (1 - \beta_1) g; \quad
-              u \leftarrow \max(\beta_2 u, |g| + \epsilon) \\
-            & \theta \leftarrow \theta - \frac{\gamma}{1 - \beta_1^t} \, m / u"""
+_MATH = """\
+        g <- -g                                         if maximize
+        g <- g + weight_decay * p
+        m <- beta1 * m + (1 - beta1) * g
+        u <- max(beta2 * u, |g| + eps)
+        p <- p - lr / (1 - beta1^t) * m / u"""
 
 
 class Adamax(ElementwiseStep, torch.optim.Adamax):

@@ -141,15 +141,18 @@ def _check_whole(params, where: str, first: int = 0) -> None:
                 "sharded DTensors (FSDP2, tensor parallel) are not supported yet")
 
 
-_MATH = r"""            & \text{L2 mode (adam\_w\_mode=False): } g \leftarrow g + \lambda\theta \\
-            & m \leftarrow \beta_1 m + \beta_3 g \hspace{3mm}
-              (\beta_3 = 1 - \beta_1 \text{ if grad\_averaging, else } 1); \quad
-              v \leftarrow \beta_2 v + (1 - \beta_2) g^2 \\
-            & u \leftarrow \frac{m / (1 - \beta_1^t)}{\sqrt{v / (1 - \beta_2^t)} + \epsilon}
-              \hspace{3mm} (+ \lambda\theta \text{ if adam\_w\_mode}) \\
-            & r \leftarrow \lVert\theta\rVert / \lVert u\rVert \text{ per tensor if }
-              (\lambda \neq 0 \text{ or use\_nvlamb}) \text{ and both norms} \neq 0,
-              \text{ else } 1; \quad \theta \leftarrow \theta - \gamma \, r \, u"""
+_MATH = """\
+        g <- g + weight_decay * p                       if not adam_w_mode (L2; .grad unchanged)
+        m <- beta1 * m + beta3 * g                      beta3 = 1 - beta1 if grad_averaging, else 1
+        v <- beta2 * v + (1 - beta2) * g^2
+        c1 = 1 - beta1^t, c2 = 1 - beta2^t              if bias_correction
+        c1 = c2 = 1                                     otherwise
+        u = (m / c1) / (sqrt(v / c2) + eps)
+        u <- u + weight_decay * p                       if adam_w_mode
+        r = ||p||_2 / ||u||_2                           if (weight_decay != 0 or use_nvlamb)
+                                                        and both norms != 0
+        r = 1                                           otherwise
+        p <- p - lr * r * u"""
 
 _ARGS = """        params, lr (default 1e-3), bias_correction (True), betas ((0.9, 0.999)),
         eps (1e-6), weight_decay (0.01), amsgrad (False), adam_w_mode (True), grad_averaging (True),

@@ -9,10 +9,11 @@ import torch
 from fusedopt._elementwise import ElementwiseStep, new_state_like
 from fusedopt.optimizer import class_doc, host_float
 
-_MATH = r"""            & g \leftarrow -g \text{ if maximize}; \quad
-              \theta \leftarrow \theta (1 - \gamma\lambda) \\
-            & \theta \leftarrow \theta - \gamma \, \mathrm{sign}(\beta_1 m + (1 - \beta_1) g); \quad
-              m \leftarrow \beta_2 m + (1 - \beta_2) g"""
+_MATH = """\
+        g <- -g                                         if maximize
+        p <- p * (1 - lr * weight_decay)
+        p <- p - lr * sign(beta1 * m + (1 - beta1) * g)
+        m <- beta2 * m + (1 - beta2) * g"""
 
 
 def _check_beta(i, beta):

@@ -122,12 +122,19 @@ def muon_torch_(params, grads, momentum_buffers, *, lr, weight_decay, momentum, 
             old.copy_(keep_where(found_inf, old, new))
 
 
-_MATH = r"""            & b \leftarrow \mu b + (1 - \mu) g; \quad
-              u \leftarrow (1 - \mu) g + \mu b \text{ if nesterov, else } b \\
-            & O \leftarrow \mathrm{NS}^{(a,b,c)}_{k}(u; \varepsilon)
-              \text{ in bf16, tall matrices transposed} \\
-            & \theta \leftarrow \theta (1 - \gamma\lambda); \quad
-              \theta \leftarrow \theta - \gamma \, \mathrm{ratio}(\text{shape}) \, O"""
+_MATH = """\
+        buf <- momentum * buf + (1 - momentum) * g
+        u = (1 - momentum) * g + momentum * buf         if nesterov
+        u = buf                                         otherwise
+        X = bf16(u), transposed if p is tall (rows > cols)
+        X <- X / max(||X||_F, eps)
+        ns_steps times, with (a, b, c) = ns_coefficients:
+            A = X @ X^T
+            X <- a * X + (b * A + c * A @ A) @ X
+        p <- p * (1 - lr * weight_decay)
+        p <- p - lr * ratio * X                         (X transposed back if p is tall)
+        ratio = sqrt(max(1, rows / cols))               adjust_lr_fn None or "original"
+        ratio = 0.2 * sqrt(max(rows, cols))             adjust_lr_fn "match_rms_adamw\""""
 
 
 class Muon(ClippedStep, torch.optim.Muon):

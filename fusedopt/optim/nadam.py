@@ -5,16 +5,17 @@ from torch.optim.nadam import nadam as torch_nadam
 from fusedopt._elementwise import ElementwiseStep, ln, new_state_like, new_step
 from fusedopt.optimizer import class_doc, host_float
 
-_MATH = r"""            & g \leftarrow -g \text{ if maximize}; \quad
-              g \leftarrow g + \lambda\theta \text{, or } \theta \leftarrow \theta(1 - \gamma\lambda)
-              \text{ if decoupled} \\
-            & \mu_t \leftarrow \beta_1 (1 - \tfrac12 \, 0.96^{t\psi}); \quad
-              P_t \leftarrow P_{t-1} \mu_t; \quad
-              m \leftarrow \beta_1 m + (1 - \beta_1) g; \quad
-              v \leftarrow \beta_2 v + (1 - \beta_2) g^2 \\
-            & d \leftarrow \sqrt{v / (1 - \beta_2^t)} + \epsilon; \quad
-              \theta \leftarrow \theta - \gamma \frac{1 - \mu_t}{1 - P_t} \frac{g}{d}
-              - \gamma \frac{\mu_{t+1}}{1 - P_t \mu_{t+1}} \frac{m}{d}"""
+_MATH = """\
+        g <- -g                                         if maximize
+        g <- g + weight_decay * p                       if not decoupled_weight_decay
+        p <- p * (1 - lr * weight_decay)                if decoupled_weight_decay
+        mu_t = beta1 * (1 - 0.5 * 0.96^(t * momentum_decay))
+        P_t = P_(t-1) * mu_t                            (state mu_product; P_0 = 1)
+        m <- beta1 * m + (1 - beta1) * g
+        v <- beta2 * v + (1 - beta2) * g^2
+        d = sqrt(v / (1 - beta2^t)) + eps
+        p <- p - lr * (1 - mu_t) / (1 - P_t) * g / d
+        p <- p - lr * mu_(t+1) / (1 - P_t * mu_(t+1)) * m / d"""
 
 
 class NAdam(ElementwiseStep, torch.optim.NAdam):

@@ -5,15 +5,18 @@ from torch.optim.radam import radam as torch_radam
 from fusedopt._elementwise import ElementwiseStep, ln, new_state_like, new_step
 from fusedopt.optimizer import class_doc, host_float
 
-_MATH = r"""            & g \leftarrow -g \text{ if maximize}; \quad
-              g \leftarrow g + \lambda\theta \text{, or } \theta \leftarrow \theta(1 - \gamma\lambda)
-              \text{ if decoupled} \\
-            & m \leftarrow \beta_1 m + (1 - \beta_1) g; \quad
-              v \leftarrow \beta_2 v + (1 - \beta_2) g^2; \quad
-              \rho_t \leftarrow \rho_\infty - 2 t \beta_2^t / (1 - \beta_2^t) \\
-            & \theta \leftarrow \theta - \frac{\gamma}{1 - \beta_1^t} m \cdot
-              r_t \sqrt{1 - \beta_2^t} / (\sqrt{v} + \epsilon) \text{ if } \rho_t > 5
-              \text{, else } \theta - \frac{\gamma}{1 - \beta_1^t} m"""
+_MATH = """\
+        g <- -g                                         if maximize
+        g <- g + weight_decay * p                       if not decoupled_weight_decay
+        p <- p * (1 - lr * weight_decay)                if decoupled_weight_decay
+        m <- beta1 * m + (1 - beta1) * g
+        v <- beta2 * v + (1 - beta2) * g^2
+        rho_inf = 2 / (1 - beta2) - 1
+        rho_t = rho_inf - 2 * t * beta2^t / (1 - beta2^t)
+        r_t = sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+        a = r_t * sqrt(1 - beta2^t) / (sqrt(v) + eps)   if rho_t > 5
+        a = 1                                           otherwise
+        p <- p - lr / (1 - beta1^t) * m * a"""
 
 
 class RAdam(ElementwiseStep, torch.optim.RAdam):

@@ -5,13 +5,16 @@ from torch.optim.rmsprop import rmsprop as torch_rmsprop
 from fusedopt._elementwise import ElementwiseStep, new_state_like, new_step
 from fusedopt.optimizer import class_doc, host_float
 
-_MATH = r"""            & g \leftarrow -g \text{ if maximize}; \quad g \leftarrow g + \lambda\theta; \quad
-              v \leftarrow \alpha v + (1 - \alpha) g^2 \\
-            & \bar g \leftarrow \bar g + (1 - \alpha)(g - \bar g); \quad
-              a \leftarrow \sqrt{v - \bar g^2} + \epsilon \text{ if centered, else }
-              \sqrt{v} + \epsilon \\
-            & b \leftarrow \mu b + g / a; \quad \theta \leftarrow \theta - \gamma b
-              \text{ if momentum, else } \theta \leftarrow \theta - \gamma g / a"""
+_MATH = """\
+        g <- -g                                         if maximize
+        g <- g + weight_decay * p
+        v <- alpha * v + (1 - alpha) * g^2
+        g_avg <- g_avg + (1 - alpha) * (g - g_avg)      if centered
+        a = sqrt(v - g_avg^2) + eps                     if centered
+        a = sqrt(v) + eps                               otherwise
+        b <- momentum * b + g / a                       if momentum > 0
+        p <- p - lr * b                                 if momentum > 0
+        p <- p - lr * g / a                             otherwise"""
 
 
 class RMSprop(ElementwiseStep, torch.optim.RMSprop):

@@ -106,10 +106,15 @@ def sgd_rule_(p, g, buf, *, lr, momentum, dampening, weight_decay, nesterov, max
 class SGD(ElementwiseStep, torch.optim.SGD):
     __doc__ = class_doc(
         "SGD with momentum (optionally Nesterov), as ``torch.optim.SGD``, with clipping in ``step``.",
-        r"""            & g \leftarrow -g \text{ if maximize}; \quad g \leftarrow g + \lambda \theta \\
-            & b \leftarrow g \text{ (first step)}, \text{ else } b \leftarrow \mu b + (1 - \tau) g \\
-            & d \leftarrow g + \mu b \text{ if nesterov, else } b; \quad
-              \theta \leftarrow \theta - \gamma d""",
+        """\
+        g <- -g                                         if maximize
+        g <- g + weight_decay * p
+        b <- g                                          if momentum != 0, on p's first step
+        b <- momentum * b + (1 - dampening) * g         if momentum != 0, on later steps
+        d = g + momentum * b                            if momentum != 0 and nesterov
+        d = b                                           if momentum != 0, not nesterov
+        d = g                                           if momentum = 0 (dampening unused)
+        p <- p - lr * d""",
         """        params, lr (default 1e-3), momentum (0), dampening (0), weight_decay (0), nesterov (False),
         maximize, foreach, differentiable, fused: as ``torch.optim.SGD``, with the same defaults
             and the same errors for bad values. ``foreach`` and ``fused`` change nothing here;
