@@ -32,8 +32,10 @@ The NCCL path (--device cuda, spawned ranks) is written but has not been run
 
 On CPU each rank runs ``--threads`` intra-op threads (default: the CPUs / ranks, at least 1).
 Writes Markdown (also printed) and JSON with every raw number to
-bench/results/distributed-<device>-<date>[-quick].{md,json}; a same-day run before it is kept
-(the new files get -2, -3, ...). Progress goes to stderr.
+<out-dir>/distributed-<device>-<date>[-<tag>][-N].{md,json} (bench/report.py's result_paths: no
+tag for the default run, else 'quick' or the options that differ from the defaults; a same-day
+run before it is kept, the new files get -2, -3, ...; --out-dir defaults to bench/results/ beside
+this script). Progress goes to stderr.
 """
 import argparse
 import datetime
@@ -378,21 +380,6 @@ def markdown(meta: dict, models: list[dict], results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def out_paths(out_dir: str, device: str, quick: bool) -> dict:
-    """distributed-<device>-<date>[-quick].{md,json}, as bench/report.py names run.py's files;
-    -2, -3, ... when that name is taken, so that no earlier run is overwritten."""
-    base = pathlib.Path(out_dir)
-    base.mkdir(parents=True, exist_ok=True)
-    stem = f"distributed-{report.slug(device)}-{datetime.date.today().isoformat()}"
-    tail, n = "-quick" if quick else "", 1
-    while True:
-        name = stem + (f"-{n}" if n > 1 else "") + tail
-        paths = {kind: base / f"{name}.{kind}" for kind in ("md", "json")}
-        if not any(p.exists() for p in paths.values()):
-            return paths
-        n += 1
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -408,7 +395,8 @@ def parse_args(argv=None):
                         + " (default: all that run on the device)")
     parser.add_argument("--steps", type=int, help="timed steps per implementation")
     parser.add_argument("--warmup", type=int, help="untimed steps first (>= 1)")
-    parser.add_argument("--out-dir", default="bench/results", help="where the files go")
+    parser.add_argument("--out-dir", default=str(report.RESULTS_DIR),
+                        help="where the files go (default: bench/results/ beside this script)")
     args = parser.parse_args(argv)
     args.notes = []
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -424,14 +412,16 @@ def parse_args(argv=None):
     if args.world_size < 1 or (args.device == "cuda" and args.world_size > gpus):
         parser.error(f"--world-size {args.world_size}: need 1 <= ranks"
                      + (f" <= {gpus} GPUs" if args.device == "cuda" else ""))
-    if args.threads is None:
-        args.threads = max(1, (os.cpu_count() or 1) // args.world_size)
-    for key, value in DEFAULTS[args.quick].items():
+    defaults = dict(DEFAULTS[args.quick],
+                    impls=",".join(TORCH_IMPLS + OUR_IMPLS[:2 if args.device == "cuda" else 1]),
+                    world_size=gpus if args.device == "cuda" else 2,
+                    threads=max(1, (os.cpu_count() or 1) // args.world_size))
+    for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.impls is None:
-        args.impls = ",".join(TORCH_IMPLS + OUR_IMPLS[:2 if args.device == "cuda" else 1])
     report.split_names(parser, args, {"models": MODELS, "impls": TORCH_IMPLS + OUR_IMPLS})
+    args.tag = report.run_tag("quick" if args.quick else "",
+                              report.changed_args(args, defaults))
     if args.device == "cpu" and "fusedopt (triton)" in args.impls:
         parser.error("fusedopt (triton) needs CUDA tensors")
     return args
@@ -468,7 +458,8 @@ def main(argv=None):
         meta["notes"].append("torch's own default on CPU is the for-loop AdamW (foreach=None); "
                              "on CUDA it is foreach")
     results = summarize(ranks["models"])
-    files = out_paths(args.out_dir, meta["device"], args.quick)
+    files = report.result_paths(args.out_dir, "distributed", meta["device"], args.tag,
+                                ("md", "json"))
     text = markdown(meta, ranks["models"], results)
     files["md"].write_text(text)
     with open(files["json"], "w") as f:  # report.write_json's layout, plus the per-model facts

@@ -26,8 +26,11 @@ Grads, per scenario: "fresh" = new grad tensors before every step (as zero_grad(
 allocation untimed; "persistent" = the same grads, zero_grad(set_to_none=False) between steps
 (untimed); "flat" = fusedopt's flat-grad mode, when the optimizers offer one. Only opt.step() (and
 the torch recipe's clip_grad_norm_) is timed. Writes Markdown (also printed) and JSON to
-<out-dir>/host-<device>-<date>[-quick].{md,json}, and a cProfile of fusedopt AdamW on the largest
-set beside them (-profile.txt). Shapes come from bench/shapes.py.
+<out-dir>/host-<device>-<date>[-<tag>][-N].{md,json}, and a cProfile of fusedopt AdamW on the
+largest set beside them (-profile.txt); bench/report.py's result_paths: no tag for the default
+run, else 'quick' or the options that differ from the defaults, -2, -3, ... rather than over
+another run's files; --out-dir defaults to bench/results/ beside this script. Shapes come from
+bench/shapes.py.
 """
 import os
 
@@ -285,12 +288,17 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, help="untimed steps first (>= 1: state and tables "
                         "are made then)")
     parser.add_argument("--no-profile", action="store_true", help="skip the cProfile file")
-    parser.add_argument("--out-dir", default="bench/results", help="where the files go")
+    parser.add_argument("--out-dir", default=str(report.RESULTS_DIR),
+                        help="where the files go (default: bench/results/ beside this script)")
     args = parser.parse_args(argv)
     for key, value in DEFAULTS[args.quick].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     report.split_names(parser, args, {"sets": shapes.NAMES, "optimizers": OPTIMIZERS})
+    defaults = {k: v for k, v in DEFAULTS[args.quick].items() if k != "impls"}  # impls: no option
+    defaults = dict(sets=defaults.pop("sets"), optimizers=",".join(OPTIMIZERS), **defaults,
+                    no_profile=False)
+    args.tag = report.run_tag("quick" if args.quick else "", report.changed_args(args, defaults))
     return args
 
 
@@ -319,14 +327,12 @@ def main(argv=None):
     meta["busy_cpus"] = ("-" if busy_start is None or busy_end is None
                          else f"{busy_start:.2f} / {busy_end:.2f}")
 
-    out = pathlib.Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = (f"host-{report.slug(meta['device'])}-{datetime.date.today().isoformat()}"
-            f"{'-quick' if args.quick else ''}")
-    files = [out / f"{stem}.md", out / f"{stem}.json"]
+    paths = report.result_paths(args.out_dir, "host", meta["device"], args.tag,
+                                ("md", "json", "-profile.txt"))
+    files = [paths["md"], paths["json"]]
     if not args.no_profile:
         largest = max(args.sets, key=lambda s: len(shapes.get(s)))
-        files.append(out / f"{stem}-profile.txt")
+        files.append(paths["-profile.txt"])
         files[2].write_text(profile_text(largest, args))
         meta["profile"] = files[2].name
     text = markdown(meta, results)

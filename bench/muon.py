@@ -12,13 +12,15 @@ Timed: the whole recipe, clip included. Also reported: ATen ops dispatched per s
 TorchDispatchMode's count, views left out: on CUDA about one launch each, a foreach op one per
 chunk of tensors), the Newton-Schulz GEMM FLOPs per step and the rate they ran at, and how far
 the two sides' parameters are apart after the first step (bf16 Newton-Schulz rounding).
-Writes Markdown (also printed) and JSON to <out-dir>/muon-<device>-<date>[-quick].{md,json}.
+Writes Markdown (also printed) and JSON to <out-dir>/muon-<device>-<date>[-<tag>][-N].{md,json}
+(report.result_paths: no tag for the default run, else 'quick' or the options that differ from
+the defaults; -2, -3, ... rather than over another run's files; --out-dir defaults to
+bench/results/ beside this script).
 Shapes come from bench/shapes.py.
 """
 import argparse
 import datetime
 import json
-import pathlib
 import statistics
 import time
 
@@ -221,7 +223,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -232,18 +234,28 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (>= 1)")
     parser.add_argument("--no-profile", dest="profile", action="store_false",
                         help="skip the torch profiler step (CPU: the ops taking the most time)")
-    parser.add_argument("--out-dir", default="bench/results", help="where the files go")
+    parser.add_argument("--out-dir", default=str(report.RESULTS_DIR),
+                        help="where the files go (default: bench/results/ beside this script)")
     args = parser.parse_args(argv)
-    args.sets = args.sets or ("smoke" if args.quick else "gpt2-small")
-    args.steps = args.steps or (2 if args.quick else 5)
+    defaults = dict(sets="smoke" if args.quick else "gpt2-small", steps=2 if args.quick else 5,
+                    warmup=1, profile=True)
+    args.sets = args.sets or defaults["sets"]
+    args.steps = args.steps or defaults["steps"]
     report.split_names(parser, args, {"sets": shapes.NAMES})
+    args.tag = report.run_tag("quick" if args.quick else "", report.changed_args(args, defaults))
+    for name in args.sets:
+        if not matrices(name):
+            parser.error(f"shape set {name!r} has no 2-D shapes")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     device = torch.device(args.device)
     busy = [measure.busy_cpus()]
     measure.warn_if_busy(busy[0], "at the start")
     rows = []
     for name in args.sets:
-        if not matrices(name):
-            parser.error(f"shape set {name!r} has no 2-D shapes")
         rows += measure_set(name, args, device)
     busy.append(measure.busy_cpus())
     meta = dict(device=measure.device_name(device), device_type=device.type,
@@ -253,12 +265,10 @@ def main(argv=None):
                 busy_cpus=" / ".join("-" if b is None else f"{b:.2f}" for b in busy))
     text = markdown(meta, rows)
     print(text)
-    stem = (f"muon-{report.slug(meta['device'])}-{datetime.date.today().isoformat()}"
-            f"{'-quick' if args.quick else ''}")
-    out = pathlib.Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.md").write_text(text)
-    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+    files = report.result_paths(args.out_dir, "muon", meta["device"], args.tag, ("md", "json"))
+    files["md"].write_text(text)
+    files["json"].write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+    print(f"wrote {files['md']}, {files['json']}")
 
 
 if __name__ == "__main__":

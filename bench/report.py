@@ -1,5 +1,6 @@
 """What bench/run.py writes: a Markdown report (also on stdout), the raw JSON and a PNG chart of
-the headline comparison, named by device and date under bench/results/."""
+the headline comparison; and what every bench script shares: where results go and how they are
+named (RESULTS_DIR, result_paths, run_tag), progress lines with the time left (Progress)."""
 import datetime
 import json
 import pathlib
@@ -13,25 +14,122 @@ def slug(device_name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
 
 
-def paths(out_dir: str, meta: dict, quick: bool) -> dict:
-    stem = f"{slug(meta['device'])}-{datetime.date.today().isoformat()}{'-quick' if quick else ''}"
-    base = pathlib.Path(out_dir)
-    base.mkdir(parents=True, exist_ok=True)
-    return {kind: base / f"{stem}.{kind}" for kind in ("md", "json", "png")}
+# Where every bench script writes by default: bench/results/ beside this file, whatever the
+# current directory (a relative --out-dir is the user's own and counts from the current directory)
+RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
+MAX_TAG = 60  # characters of a run's tag in its file names; the JSON keeps every argument
+_SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
-def unused_paths(out_dir: str, stem: str, tail: str, kinds) -> dict:
-    """{kind: <out_dir>/<stem>[-N]<tail>.<kind>}, N = 2, 3, ... where the plain name is taken by
-    any kind, so that no earlier run is overwritten (bench/distributed.py's scheme)."""
+def run_tag(mode: str, changed: dict, keyed=("clip",)) -> str:
+    """What kind of run it was, for its file names: '' for a script's default full run, else
+    ``mode`` ('quick', 'smoke', ...) and each argument that differs from that mode's default, in
+    ``changed``'s order: a list (or comma string) as its values joined by '_' (``keyed`` ones
+    after their option's name: 'clipamp'), a number as name + value ('steps3'), a flag as its
+    name ('compile'; an option that turns a default off: 'no' + name). Characters other than
+    lower case letters, digits and '+_.' become '-' ('fusedopt (torch)' -> 'fusedopt-torch');
+    at most MAX_TAG characters.
+
+    run_tag('quick', {}) -> 'quick';
+    run_tag('', {'shapes': ['smoke'], 'optimizers': ['sgd', 'adamw'], 'steps': 3})
+    -> 'smoke-sgd_adamw-steps3'."""
+    def clean(text):
+        return re.sub(r"[^a-z0-9+_.]+", "-", str(text).lower()).strip("-")
+    parts = [mode] if mode else []
+    for key, value in changed.items():
+        name = key.replace("_", "")
+        if isinstance(value, bool):
+            parts.append(name if value else "no" + name)
+        elif isinstance(value, (int, float)):
+            parts.append(f"{name}{value:g}")
+        else:
+            values = value.split(",") if isinstance(value, str) else list(value)
+            text = "_".join(clean(_SHORT.get(v, v)) for v in values)
+            parts.append(name + text if key in keyed else text)
+    return "-".join(p for p in parts if p)[:MAX_TAG].strip("-_.")
+
+
+def changed_args(args, defaults: dict) -> dict:
+    """{option: args' value} for each option of ``defaults`` whose value in ``args`` differs from
+    it (lists and comma strings compare as lists), in ``defaults``' order: run_tag's input."""
+    def norm(v):
+        if isinstance(v, str):
+            return v.split(",")
+        return list(v) if isinstance(v, tuple) else v
+    return {k: getattr(args, k) for k, d in defaults.items() if norm(getattr(args, k)) != norm(d)}
+
+
+def result_paths(out_dir, kind: str, device_name: str, tag: str, exts) -> dict:
+    """Every bench script's file names: {ext: <out_dir>/[<kind>-]<device>-<date>[-<tag>][-N]<ext>}
+    with ``ext`` 'md' -> '.md' (one with a dot is taken as is: '-profile.txt'). ``kind`` says
+    which script or mode ('' for run.py's step benchmark: cpu-2026-11-29.md), ``tag`` what kind
+    of run it was (run_tag: '' for the default full run); N = 2, 3, ... where the name without
+    it is taken by any of ``exts``, so that no earlier run's files are overwritten. Makes
+    ``out_dir``."""
+    stem = "-".join(p for p in (kind, slug(device_name), datetime.date.today().isoformat(), tag)
+                    if p)
+    return unused_paths(out_dir, stem, "", exts)
+
+
+def unused_paths(out_dir, stem: str, tail: str, kinds) -> dict:
+    """{kind: <out_dir>/<stem>[-N]<tail><ext>}, N = 2, 3, ... where the plain name is taken by
+    any kind, so that no earlier run is overwritten; ext is '.' + kind, or kind itself where it
+    has a dot ('-profile.txt')."""
     base = pathlib.Path(out_dir)
     base.mkdir(parents=True, exist_ok=True)
     n = 1
     while True:
         name = stem + (f"-{n}" if n > 1 else "") + tail
-        found = {kind: base / f"{name}.{kind}" for kind in kinds}
+        found = {kind: base / (name + (kind if "." in kind else "." + kind)) for kind in kinds}
         if not any(p.exists() for p in found.values()):
             return found
         n += 1
+
+
+def eta_text(seconds: float) -> str:
+    """'45 s', '3 min 10 s', '1 h 5 min': a time left, to the second under an hour."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    return f"{s // 3600} h {s % 3600 // 60} min"
+
+
+class Progress:
+    """Progress lines on stderr with the time left: ``[done/total] what (T left)``, T from the
+    wall time since start over the rows measured so far, times the rows still to run (rows
+    skipped without measuring count as done and cost nothing). Rows differ in cost (a large
+    shape set's rows take longest), so T is rough; it settles as the run goes on."""
+
+    def __init__(self, total: int, stream=None, clock=None):
+        import sys
+        import time
+        self.total, self.done, self.measured = total, 0, 0
+        self._clock = clock or time.perf_counter
+        self.start = self._clock()
+        self.stream = stream if stream is not None else sys.stderr
+
+    def skip(self, rows: int = 1) -> None:
+        self.done += rows
+
+    def left_s(self) -> float | None:
+        if not self.measured:
+            return None
+        return (self._clock() - self.start) / self.measured * (self.total - self.done)
+
+    def row(self, what: str, measured: bool = True) -> str:
+        """Counts one row (measured or not) and prints its line."""
+        self.done += 1
+        self.measured += measured
+        left = self.left_s()
+        line = f"[{self.done}/{self.total}] {what}"
+        if self.done < self.total and left is not None:
+            line += f" ({eta_text(left)} left)"
+        elif self.done >= self.total:
+            line += f" (done in {eta_text(self._clock() - self.start)})"
+        print(line, file=self.stream, flush=True)
+        return line
 
 
 def _fmt(x, spec=".1f", none="-"):
@@ -48,7 +146,9 @@ def markdown(meta: dict, results: list[dict]) -> str:
         f"- date: {meta['date']}; {meta['warmup']} warm-up + {meta['steps']} timed steps per row"
         + "".join(f" ({o}: {w} warm-up)" for o, w in meta.get("min_warmup", {}).items())
         + ("; CUDA events, L2 flushed between steps" if meta["device_type"] == "cuda"
-           else "; wall time"),
+           else "; wall time")
+        + (f"; all rows took {eta_text(meta['wall_s'])}" if meta.get("wall_s") is not None
+           else ""),
         f"- device-to-device copy bandwidth, same run: **{meta['copy_gbs']:.1f} GB/s** "
         "(read + write)",
     ]
@@ -102,7 +202,9 @@ def memory_markdown(meta: dict, results: list[dict]) -> str:
         f"fusedopt {meta['fusedopt']}" + (f" at {meta['commit']}" if meta.get("commit") else ""),
         f"- date: {meta['date']}; {meta['warmup']} warm-up + {meta['steps']} timed steps per row"
         + ("; CUDA events, L2 flushed between steps" if meta["device_type"] == "cuda"
-           else "; wall time"),
+           else "; wall time")
+        + (f"; all rows took {eta_text(meta['wall_s'])}" if meta.get("wall_s") is not None
+           else ""),
         f"- device-to-device copy bandwidth, same run: {meta['copy_gbs']:.1f} GB/s (read + write)",
         "- settings, every implementation: " + "; ".join(
             f"{o} " + ", ".join(f"{k}={x}" for k, x in h.items())

@@ -15,7 +15,11 @@ for-loop, foreach and fused (where the torch class offers each), each followed b
 clip_grad_norm_(foreach=True) when clipping, and fusedopt with each backend that can run here.
 Lion has no torch.optim class: its torch recipes are lion_ below (lion-pytorch's step, for-loop
 and foreach). Writes Markdown (also printed), JSON with every raw number, and a PNG chart to
-bench/results/<device>-<date>[-quick].*; progress goes to stderr.
+<out-dir>/<device>-<date>[-<tag>][-N].{md,json,png} (report.result_paths: the tag says what kind
+of run it was, none for the default full run: 'quick', or the options that differ from the
+defaults, 'smoke-sgd-fp32-steps3'; -2, -3, ... where the name is taken, so that no run
+overwrites another's files); --out-dir defaults to bench/results/ beside this script, wherever it
+is run from. Progress goes to stderr, a line per row with the time left.
 
 ``--memory [NAMES]`` (all of MEMORY when no names) times instead fusedopt's memory-lean options
 (``stochastic_rounding``, ``master_weights``, ``state_dtype``: fusedopt/_elementwise.py), each
@@ -25,7 +29,7 @@ row: the step time, the bytes a step moves per parameter (memory_bytes_per_eleme
 torch path counted from the step itself) and the optimizer state per parameter, summed over the
 tensors in ``opt.state`` after the timed steps (plus the master recipe's fp32 copy and its fp32
 grads, which live outside it). Clip on by default (off allowed; amp is not offered there).
-Writes <out-dir>/memory-<device>-<date>[-N][-quick].{md,json}, never over an earlier run.
+Writes <out-dir>/memory-<device>-<date>[-<tag>][-N].{md,json}, never over an earlier run.
 Shape sets come from bench/shapes.py; measuring from bench/measure.py; output from report.py.
 """
 import argparse
@@ -33,7 +37,7 @@ import datetime
 import gc
 import inspect
 import statistics
-import sys
+import time
 
 import torch
 
@@ -623,7 +627,8 @@ def parse_args(argv=None):
                         help="time the memory-lean configurations instead, against torch's "
                              f"recipes: a comma list of {', '.join(MEMORY)} (all when no names); "
                              "they name their dtypes (no --dtypes); clip off or on")
-    parser.add_argument("--out-dir", default="bench/results", help="where the files go")
+    parser.add_argument("--out-dir", default=str(report.RESULTS_DIR),
+                        help="where the files go (default: bench/results/ beside this script)")
     args = parser.parse_args(argv)
     device_type = "cuda" if torch.device(args.device).type == "cuda" else "cpu"
     memory = args.memory is not None
@@ -644,19 +649,55 @@ def parse_args(argv=None):
         known.update(memory=MEMORY, clip=("off", "on"),
                      optimizers=[o for o in OPTIMIZERS if o not in COUNTED])
     report.split_names(parser, args, known)
+    args.tag = run_tag(args, device_type, memory)
     return args
 
 
+def run_tag(args, device_type: str, memory: bool) -> str:
+    """The tag in the run's file names (report.run_tag): '' for the default full run, 'quick',
+    and the options given that differ from the mode's defaults; 'family' stands for FAMILY."""
+    defaults = dict((MEMORY_DEFAULTS if memory else DEFAULTS)[(device_type, args.quick)])
+    defaults["optimizers"] = ",".join(",".join(FAMILY) if name == "family" else name
+                                      for name in defaults["optimizers"].split(","))
+    if memory:
+        defaults = dict(memory=",".join(MEMORY), **defaults)
+    changed = report.changed_args(args, defaults)
+    if "optimizers" in changed and set(FAMILY) <= set(changed["optimizers"]):
+        changed["optimizers"] = [o for o in changed["optimizers"] if o not in FAMILY] + ["family"]
+    if args.compile:
+        changed["compile"] = True
+    return report.run_tag("quick" if args.quick else "", changed)
 
-def _close_meta(meta, device, busy_start, skipped) -> None:
+
+
+def _close_meta(meta, device, busy_start, skipped, progress) -> None:
     """The run's end in its metadata: how busy the CPUs were at start and end (a warning when
-    they were), and what was skipped."""
+    they were), what was skipped, and the wall time of the rows (wall_s: from the first row's
+    start to the last row's end, start-up and the copy bandwidth not counted)."""
+    meta["wall_s"] = round(time.perf_counter() - progress.start, 1)
     if device.type == "cpu":
         busy_end = measure.busy_cpus()
         measure.warn_if_busy(busy_end, "at the end")
         meta["busy_cpus"] = (None if busy_start is None or busy_end is None
                              else f"{busy_start:.2f} / {busy_end:.2f}")
     meta["skipped"] = skipped
+
+def memory_rows(opt: str, configs, dtype, device) -> list[tuple[str, str]]:
+    """(configuration, implementation) of each row --memory times for ``opt`` among the
+    ``configs`` in param dtype ``dtype``, in order: the torch recipes of one (dtype, recipe)
+    once, on the first configuration that names them."""
+    rows, torch_done = [], set()
+    for name in configs:
+        if MEMORY[name][0] != dtype:
+            continue
+        for impl in memory_impls_for(opt, name, device):
+            if impl not in OUR_IMPLS:
+                if impl in torch_done:
+                    continue
+                torch_done.add(impl)
+            rows.append((name, impl))
+    return rows
+
 
 def main_memory(args, device, meta) -> None:
     """--memory: each configuration of args.memory (MEMORY) with fusedopt, and the torch recipes
@@ -668,6 +709,9 @@ def main_memory(args, device, meta) -> None:
     busy_start = measure.busy_cpus() if device.type == "cpu" else None
     measure.warn_if_busy(busy_start, "at start")
     results, skipped = [], []
+    progress = report.Progress(len(args.shapes) * len(args.clip) * sum(
+        len(memory_rows(opt, args.memory, dtype, device)) for opt in args.optimizers
+        for dtype in dict.fromkeys(MEMORY[name][0] for name in args.memory)))
     for set_name in args.shapes:
         shape_list = shapes.get(set_name)
         n = shapes.numel(shape_list)
@@ -680,6 +724,8 @@ def main_memory(args, device, meta) -> None:
                     if fits_in_memory(n, 1, o, device, n * (4 * elt + 8 + 4 * STATE_COPIES[o]))]
             skipped += [f"{set_name} {DTYPE_NAMES[dtype]} {o}: needs more memory than is free"
                         for o in args.optimizers if o not in opts]
+            progress.skip(len(args.clip) * sum(len(memory_rows(o, args.memory, dtype, device))
+                                               for o in args.optimizers if o not in opts))
             if not opts:
                 continue
             gen = torch.Generator(device=device).manual_seed(0)
@@ -687,40 +733,37 @@ def main_memory(args, device, meta) -> None:
                        [torch.randn(s, generator=gen, device=device).to(dtype) for s in shape_list])
             for clip in args.clip:
                 for opt in opts:
-                    torch_done = set()
-                    for name in configs:
-                        for impl in memory_impls_for(opt, name, device):
-                            ours = impl in OUR_IMPLS
-                            if not ours and impl in torch_done:
-                                continue
-                            torch_done.add(impl)
-                            m = measure_impl(opt, impl, masters, clip, args, device, name)
-                            times = m.pop("times_ms")
-                            median = statistics.median(times)
-                            deciles = (statistics.quantiles(times, n=10, method="inclusive")
-                                       if len(times) > 1 else [median] * 9)
-                            counted = m.pop("bytes_per_step", None)
-                            moved = (counted / n if counted is not None else
-                                     memory_bytes_per_element(opt, name, impl, clip, device.type))
-                            gbs = moved * n / (median * 1e-3) / 1e9
-                            results.append(dict(
-                                shapes=set_name, tensors=len(shape_list), numel=n,
-                                dtype=DTYPE_NAMES[dtype], clip=clip, optimizer=opt,
-                                memory=name if ours else None, recipe=MEMORY[name][2],
-                                impl=impl, median_ms=median, p10_ms=deciles[0],
-                                p90_ms=deciles[-1], bytes_per_element=moved,
-                                bytes_counted=counted is not None,
-                                triton_bytes_per_element=memory_triton_bytes(opt, name, clip),
-                                gb_per_s=gbs, pct_of_copy=100 * gbs / meta["copy_gbs"],
-                                state_bytes_per_param=m.pop("state_bytes") / n,
-                                held_bytes_per_param=m.pop("held_bytes") / n,
-                                times_ms=times, **m))
-                            print(f"{set_name} clip {clip} {opt} "
-                                  f"{name if ours else DTYPE_NAMES[dtype] + ' ' + MEMORY[name][2]}"
-                                  f" {impl}: {median:.3f} ms", file=sys.stderr, flush=True)
+                    for name, impl in memory_rows(opt, configs, dtype, device):
+                        ours = impl in OUR_IMPLS
+                        row_start = time.perf_counter()
+                        m = measure_impl(opt, impl, masters, clip, args, device, name)
+                        times = m.pop("times_ms")
+                        median = statistics.median(times)
+                        deciles = (statistics.quantiles(times, n=10, method="inclusive")
+                                   if len(times) > 1 else [median] * 9)
+                        counted = m.pop("bytes_per_step", None)
+                        moved = (counted / n if counted is not None else
+                                 memory_bytes_per_element(opt, name, impl, clip, device.type))
+                        gbs = moved * n / (median * 1e-3) / 1e9
+                        results.append(dict(
+                            shapes=set_name, tensors=len(shape_list), numel=n,
+                            dtype=DTYPE_NAMES[dtype], clip=clip, optimizer=opt,
+                            memory=name if ours else None, recipe=MEMORY[name][2],
+                            impl=impl, median_ms=median, p10_ms=deciles[0],
+                            p90_ms=deciles[-1], bytes_per_element=moved,
+                            bytes_counted=counted is not None,
+                            triton_bytes_per_element=memory_triton_bytes(opt, name, clip),
+                            gb_per_s=gbs, pct_of_copy=100 * gbs / meta["copy_gbs"],
+                            state_bytes_per_param=m.pop("state_bytes") / n,
+                            held_bytes_per_param=m.pop("held_bytes") / n,
+                            times_ms=times, row_s=time.perf_counter() - row_start, **m))
+                        progress.row(
+                            f"{set_name} clip {clip} {opt} "
+                            f"{name if ours else DTYPE_NAMES[dtype] + ' ' + MEMORY[name][2]}"
+                            f" {impl}: {median:.3f} ms")
             del masters
             gc.collect()
-    _close_meta(meta, device, busy_start, skipped)
+    _close_meta(meta, device, busy_start, skipped, progress)
     torch_rows = [r for r in results if r["memory"] is None]
     for r in results:
         if r["memory"] is None:
@@ -733,9 +776,7 @@ def main_memory(args, device, meta) -> None:
                  best_torch_bytes_per_element=best["bytes_per_element"],
                  best_torch_state_bytes_per_param=(best["state_bytes_per_param"]
                                                    + best["held_bytes_per_param"]))
-    files = report.unused_paths(args.out_dir, f"memory-{report.slug(meta['device'])}-"
-                                f"{datetime.date.today().isoformat()}",
-                                "-quick" if args.quick else "", ("md", "json"))
+    files = report.result_paths(args.out_dir, "memory", meta["device"], args.tag, ("md", "json"))
     text = report.memory_markdown(meta, results) + "".join(f"\nskipped: {s}\n" for s in skipped)
     files["md"].write_text(text)
     report.write_json(files["json"], meta, results)
@@ -761,8 +802,8 @@ def main(argv=None):
     measure.warn_if_busy(busy_start, "at start")
     impls = {opt: impls_for(opt, device, args.compile) for opt in args.optimizers}
     results, skipped = [], []
-    total = len(args.shapes) * len(args.dtypes) * len(args.clip) * sum(map(len, impls.values()))
-    done = 0
+    progress = report.Progress(
+        len(args.shapes) * len(args.dtypes) * len(args.clip) * sum(map(len, impls.values())))
     for set_name in args.shapes:
         shape_list = shapes.get(set_name)
         n = shapes.numel(shape_list)
@@ -773,7 +814,7 @@ def main(argv=None):
             for opt in args.optimizers:
                 if opt not in fitting:
                     skipped.append(f"{set_name} {dtype_name} {opt}: needs more memory than is free")
-                    done += len(args.clip) * len(impls[opt])
+                    progress.skip(len(args.clip) * len(impls[opt]))
             if not fitting:
                 continue
             gen = torch.Generator(device=device).manual_seed(0)
@@ -782,7 +823,8 @@ def main(argv=None):
             for clip in args.clip:
                 for opt in fitting:
                     for impl in impls[opt]:
-                        done += 1
+                        what = f"{set_name} {dtype_name} clip {clip} {opt} {impl}"
+                        row_start = time.perf_counter()
                         try:
                             m = measure_impl(opt, impl, masters, clip, args, device)
                         except (RuntimeError, NotImplementedError) as e:
@@ -790,8 +832,8 @@ def main(argv=None):
                                 raise
                             # a recipe torch does not offer here (say fused Adagrad on a device
                             # without its kernel): said in the report, the run goes on
-                            skipped.append(f"{set_name} {dtype_name} clip {clip} {opt} {impl}: "
-                                           f"{type(e).__name__}: {str(e)[:200]}")
+                            skipped.append(f"{what}: {type(e).__name__}: {str(e)[:200]}")
+                            progress.row(f"{what}: skipped ({type(e).__name__})")
                             continue
                         times = m.pop("times_ms")
                         median = statistics.median(times)
@@ -807,13 +849,11 @@ def main(argv=None):
                             p10_ms=deciles[0], p90_ms=deciles[-1], bytes_per_element=moved,
                             bytes_counted=counted is not None,
                             gb_per_s=gbs, pct_of_copy=100 * gbs / meta["copy_gbs"],
-                            times_ms=times, **m))
-                        print(f"[{done}/{total}] {set_name} {dtype_name} clip "
-                              f"{clip} {opt} {impl}: {median:.3f} ms",
-                              file=sys.stderr, flush=True)
+                            times_ms=times, row_s=time.perf_counter() - row_start, **m))
+                        progress.row(f"{what}: {median:.3f} ms")
             del masters
             gc.collect()
-    _close_meta(meta, device, busy_start, skipped)
+    _close_meta(meta, device, busy_start, skipped, progress)
     for r in results:  # speedup against the fastest torch recipe of the same workload
         same = [q for q in results if q["impl"] in TORCH_IMPLS + (COMPILED,) and all(
             q[k] == r[k] for k in ("shapes", "dtype", "clip", "optimizer"))]
@@ -821,7 +861,7 @@ def main(argv=None):
         r.update(best_torch_impl=best["impl"], best_torch_ms=best["median_ms"],
                  speedup_vs_best_torch=best["median_ms"] / r["median_ms"])
 
-    files = report.paths(args.out_dir, meta, args.quick)
+    files = report.result_paths(args.out_dir, "", meta["device"], args.tag, ("md", "json", "png"))
     text = report.markdown(meta, results) + "".join(f"\nskipped: {s}\n" for s in skipped)
     files["md"].write_text(text)
     report.write_json(files["json"], meta, results)

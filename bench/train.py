@@ -18,9 +18,12 @@ The model is a decoder-only transformer (~110k parameters) trained on characters
 the script generates from its seed (a word-level Markov chain), so nothing is downloaded. Both runs
 start from one state_dict and see the same batches; they alternate step by step, so that load from
 other processes falls on both alike. Writes a PNG of the two loss curves and a JSON of every number
-to ``bench/results/train-[<optimizer>-]<device>-<date>.{png,json}`` (no optimizer in the name for
-the default, AdamW; ``--out-dir`` to change the folder) and prints a summary. Exits non-zero when
-the loss curves differ by more than LOSS_RTOL.
+to ``<out-dir>/train-[<optimizer>-]<device>-<date>[-<tag>][-N].{png,json}`` (no optimizer in the
+name for the default, AdamW; the tag, none for the default run, says what kind of run it was:
+'quick', or the options that differ from the defaults, 'steps2000'; -2, -3, ... rather than over
+another run's files: bench/report.py's result_paths; ``--out-dir`` defaults to bench/results/
+beside this script) and prints a summary. Exits non-zero when the loss curves differ by more than
+LOSS_RTOL.
 
 ``--memory`` asks another question: what do bf16 params, and fusedopt's memory-lean options
 (``stochastic_rounding``, ``master_weights``, ``state_dtype``: fusedopt/_elementwise.py), do to
@@ -33,7 +36,7 @@ MEMORY_SETTINGS' lr, smaller than the check's: round to nearest loses every upda
 bf16 gap (2**-9 to 2**-8 of the weight: all of the weight decay, every Adam step of a LayerNorm
 weight near 1, and late in the cosine many of the others; see MEMORY_SETTINGS), and that is what
 the options are for. Writes the loss curves overlaid (PNG) and every number (JSON) to
-``bench/results/train-memory-<device>-<date>[-N][-quick].{png,json}`` (a same-day run is kept)
+``<out-dir>/train-memory-<device>-<date>[-<tag>][-N].{png,json}`` (a same-day run is kept)
 and prints a table per configuration: final loss (the mean over the last tenth of the steps), its
 gap to fp32's over those steps and the mean |loss - fp32's loss| over all steps, bytes per
 parameter of the optimizer state (every tensor in opt.state) and of param + state, and the median
@@ -476,9 +479,8 @@ def main_memory(args, device) -> None:
     meta["wall_s_all_runs"] = wall_s
     compare_to_fp32(runs, args.steps)
 
-    stem = report.unused_paths(
-        args.out_dir, f"train-memory-{report.slug(meta['device'])}-"
-        f"{datetime.date.today().isoformat()}", "-quick" if args.quick else "", ("png", "json"))
+    stem = report.result_paths(args.out_dir, "train-memory", meta["device"], args.tag,
+                               ("png", "json"))
     charted = plot_memory(stem["png"], runs, meta, cfg)
     keys = ("name", "param_dtype", "options", "final_loss", "final_gap_to_fp32",
             "mean_abs_gap_to_fp32", "state_bytes_per_param", "param_bytes_per_param",
@@ -591,11 +593,10 @@ def parse_args(argv=None):
                              "ends at a tenth of it)")
     parser.add_argument("--rounding-seed", type=int, default=0,
                         help="--memory: fusedopt's rounding_seed (stochastic rounding's bits)")
-    parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                          "results"),
-                        help="folder for train-[<optimizer>-]<device>-<date>.{png,json}, or "
-                             "train-memory-<device>-<date>[-N][-quick].{png,json} "
-                             "(default: bench/results)")
+    parser.add_argument("--out-dir", default=str(report.RESULTS_DIR),
+                        help="folder for train-[<optimizer>-]<device>-<date>[-<tag>][-N]."
+                             "{png,json}, or train-memory-<device>-<date>[-<tag>][-N].{png,json} "
+                             "(default: bench/results/ beside this script)")
     args = parser.parse_args(argv)
     if args.steps is None:
         if args.memory:
@@ -614,7 +615,26 @@ def parse_args(argv=None):
         parser.error("--lr and --configs go with --memory")
     if args.warmup < 0 or args.steps <= args.warmup:
         parser.error("need 0 <= --warmup < --steps")
+    args.tag = run_tag(args, parser)
     return args
+
+
+def run_tag(args, parser) -> str:
+    """The tag in the run's file names (bench/report.py's run_tag): '' for the default run,
+    'quick', and the options given that differ from that mode's defaults (the optimizer is in the
+    names already; fp32, always run, is left out of --configs)."""
+    keys = ("steps", "warmup", "seed") + (("configs", "lr", "rounding_seed") if args.memory else ())
+    defaults = {k: parser.get_default(k) for k in keys}
+    defaults["steps"] = ((MEMORY_QUICK_STEPS if args.quick else MEMORY_STEPS) if args.memory
+                         else QUICK_STEPS if args.quick else DEFAULT_STEPS)
+    if args.memory:
+        defaults["configs"] = [n for n in MEMORY_RUNS if n != "fp32"]
+        args = argparse.Namespace(**vars(args))
+        args.configs = [n for n in args.configs if n != "fp32"]
+    changed = report.changed_args(args, defaults)
+    if "rounding_seed" in changed:
+        changed["rseed"] = changed.pop("rounding_seed")
+    return report.run_tag("quick" if args.quick else "", changed)
 
 
 def main(argv=None):
@@ -663,12 +683,10 @@ def main(argv=None):
                    clipped_steps=sum(n > MAX_NORM for n in a["grad_norms"]),
                    speed_ratio_a_over_b=a["median_ms"] / b["median_ms"], wall_s_both_runs=wall_s)
 
-    os.makedirs(args.out_dir, exist_ok=True)
-    named = "" if args.optimizer == DEFAULT_OPTIMIZER else f"{args.optimizer}-"
-    stem = os.path.join(args.out_dir, f"train-{named}{report.slug(measure.device_name(device))}-"
-                        f"{datetime.date.today().isoformat()}")
-    charted = plot(stem + ".png", runs, meta)
-    with open(stem + ".json", "w") as f:
+    named = "train" if args.optimizer == DEFAULT_OPTIMIZER else f"train-{args.optimizer}"
+    files = report.result_paths(args.out_dir, named, meta["device"], args.tag, ("png", "json"))
+    charted = plot(files["png"], runs, meta)
+    with open(files["json"], "w") as f:
         json.dump({"meta": meta, "config": cfg, "compare": compare,
                    "runs": [{k: v for k, v in r.items() if k in ("name", "median_ms", "losses",
                                                                   "grad_norms", "ms")} for r in runs]},
@@ -694,7 +712,7 @@ def main(argv=None):
     print(f"- pre-clip grad norms agree to {norm_rel:.3g} relative")
     print(f"- speed ratio, median step (a) / (b): {compare['speed_ratio_a_over_b']:.2f}x "
           "(> 1: fusedopt faster)")
-    print(f"- wrote {stem}.json" + (f" and {stem}.png" if charted
+    print(f"- wrote {files['json']}" + (f" and {files['png']}" if charted
                                      else " (no chart: matplotlib is not installed)"))
     if loss_rel > LOSS_RTOL:
         sys.exit(f"FAIL: the loss curves differ by {loss_rel:.3g} relative, more than {LOSS_RTOL:g}. "

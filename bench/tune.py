@@ -15,9 +15,12 @@ an SM by the compiled kernel's registers and warps ("occupancy") and at twice th
 
 Times: bench/measure.py (CUDA events, L2 flushed between steps); bytes: bench/run.py. Stops when
 the next config would pass --budget-s (counted from start) and keeps what it has: the files are
-rewritten after every config, so a kill loses at most one. Writes tune-<device>-<date>[-smoke].md
-and .json to --out-dir; the Markdown is also printed, progress goes to stderr. On CPU the numbers
-only show that the script runs: never commit them.
+rewritten after every config, so a kill loses at most one. Writes
+tune-<device>-<date>[-<tag>][-N].{md,json} to --out-dir (bench/report.py's result_paths: no tag
+for the default run, else 'smoke' or the options that differ from the defaults, -2, -3, ...
+rather than over another run's files; default: bench/results/ beside this script); the Markdown
+is also printed, progress goes to stderr. On CPU the numbers only show that the script runs:
+never commit them.
 """
 import argparse
 import dataclasses
@@ -499,14 +502,15 @@ def grid_text(r: dict) -> str:
     return f"{r['programs_per_sm']}/SM{rule}{programs}"
 
 
-def write_files(stem: pathlib.Path, meta: dict, rows: list, best: dict) -> str:
-    """Markdown and JSON, each written whole to a temporary name and moved into place."""
+def write_files(files: dict, meta: dict, rows: list, best: dict) -> str:
+    """Markdown and JSON (``files``: {'md': path, 'json': path}), each written whole to a
+    temporary name and moved into place."""
     text = markdown(meta, rows, best)
     payload = json.dumps({"meta": meta, "best": {k: dict(launch_config=launch_config_text(r), **r)
                                                    for k, r in best.items()}, "results": rows},
                          indent=1)
-    for suffix, content in ((".md", text), (".json", payload)):
-        path = stem.with_suffix(suffix)
+    for kind, content in (("md", text), ("json", payload)):
+        path = pathlib.Path(files[kind])
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(content)
         os.replace(tmp, path)
@@ -529,7 +533,8 @@ def parse_args(argv=None):
     parser.add_argument("--rounds", type=int, help="interleaved confirm rounds (0: none)")
     parser.add_argument("--budget-s", type=float, help="stop sweeping past this many seconds from "
                         "start (gpu_check.sh gives its timeout less a margin)")
-    parser.add_argument("--out-dir", default="bench/results", help="where the files go")
+    parser.add_argument("--out-dir", default=str(report.RESULTS_DIR),
+                        help="where the files go (default: bench/results/ beside this script)")
     args = parser.parse_args(argv)
     for key, value in DEFAULTS[args.smoke].items():
         if getattr(args, key) is None:
@@ -537,6 +542,10 @@ def parse_args(argv=None):
     if args.shapes not in shapes.NAMES:
         parser.error(f"unknown shapes {args.shapes!r}; known: {', '.join(shapes.NAMES)}")
     report.split_names(parser, args, {"optimizers": KERNEL_OPTIMIZERS, "dtypes": run.DTYPES})
+    changed = report.changed_args(args, DEFAULTS[args.smoke])
+    if "budget_s" in changed:
+        changed["budget"] = changed.pop("budget_s")
+    args.tag = report.run_tag("smoke" if args.smoke else "", changed)
     if args.rounds < 0:
         parser.error("--rounds must be >= 0")
     device = torch.device(args.device)
@@ -578,16 +587,13 @@ def main(argv=None):
                 default_spec={k: getattr(DEFAULT_LAUNCH, k) for k in SETTINGS},
                 copy_gbs=measure.copy_bandwidth_gbs(device, copy_mb),
                 stopped_early=None, skipped=[], elapsed_s=0.0)
-    out_dir = pathlib.Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / (f"tune-{report.slug(meta['device'])}-{datetime.date.today().isoformat()}"
-                      + ("-smoke" if args.smoke else ""))
+    files = report.result_paths(args.out_dir, "tune", meta["device"], args.tag, ("md", "json"))
     rows, budget = [], Budget(args.budget_s)
 
     def save():
         meta["elapsed_s"] = budget.elapsed()
         add_relative(rows, meta)
-        return write_files(stem, meta, rows, best_rows(rows))
+        return write_files(files, meta, rows, best_rows(rows))
 
     sections = [(o, d) for o in args.optimizers for d in args.dtypes]
     try:
@@ -615,12 +621,12 @@ def main(argv=None):
     except KeyboardInterrupt as e:  # keep what there is
         meta["stopped_early"] = f"interrupted ({e or 'SIGINT'}) after {budget.elapsed():.0f} s"
         print(save())
-        print(f"tune.py: interrupted; wrote {stem}.md and .json", file=sys.stderr)
+        print(f"tune.py: interrupted; wrote {files['md']} and {files['json']}", file=sys.stderr)
         sys.exit(130)
     meta["copy_gbs_end"] = measure.copy_bandwidth_gbs(device, copy_mb)
     text = save()
     print(text)
-    print(f"wrote {stem}.md, {stem}.json")
+    print(f"wrote {files['md']}, {files['json']}")
     if not any("median_ms" in r for r in rows):
         sys.exit("tune.py: no config ran (see the failures above)")
 

@@ -1,7 +1,10 @@
 """The main job's scripts still run end to end (tiny settings; timings are not looked at)."""
+import datetime
 import importlib
+import io
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import types
@@ -24,8 +27,116 @@ def test_run_py_writes_markdown_json_and_chart(tmp_path):
     assert len(data["results"]) == 2 * 3 * len(impls)
     assert {r["clip"] for r in data["results"]} == {"on", "off", "amp"}
     assert all(len(r["times_ms"]) == 2 and r["median_ms"] > 0 for r in data["results"])
+    assert all(r["row_s"] > 0 for r in data["results"]) and data["meta"]["wall_s"] > 0
     assert data["meta"]["copy_gbs"] > 0
     assert md.with_suffix(".png").stat().st_size > 0
+    assert md.name.endswith("-smoke-sgd_adamw-fp32-steps2-warmup1.md")  # not the full run's name
+
+
+def test_run_py_from_another_directory_never_overwrites(tmp_path):
+    """Run from another directory, a relative --out-dir counts from there (the default is
+    bench/results/ beside the script: test_default_out_dir_is_beside_the_scripts); the same run
+    again takes the next name; progress lines count rows and say the time left."""
+    cmd = [sys.executable, str(BENCH / "run.py"), "--shapes", "smoke", "--optimizers", "sgd",
+           "--dtypes", "float32", "--clip", "on", "--steps", "1", "--warmup", "1",
+           "--device", "cpu", "--out-dir", "rel"]
+    for _ in range(2):
+        done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    stem = f"cpu-{datetime.date.today().isoformat()}-smoke-sgd-fp32-clipon-steps1-warmup1"
+    assert sorted(p.name for p in (tmp_path / "rel").iterdir()) == sorted(
+        f"{stem}{n}.{ext}" for n in ("", "-2") for ext in ("md", "json", "png"))
+    lines = [x for x in done.stderr.splitlines() if x.startswith("[")]
+    assert [x.split("]")[0] for x in lines] == ["[1/4", "[2/4", "[3/4", "[4/4"]
+    assert all(x.endswith(" left)") for x in lines[:-1]) and "(done in " in lines[-1]
+
+
+@pytest.fixture
+def bench_modules(monkeypatch):
+    """bench/ on sys.path for importing its scripts in-process; their modules dropped after, and
+    TRITON_INTERPRET as it was (host.py sets it on import)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    if "TRITON_INTERPRET" in os.environ:
+        monkeypatch.setenv("TRITON_INTERPRET", os.environ["TRITON_INTERPRET"])
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    before = set(sys.modules)
+    yield importlib.import_module
+    for name in set(sys.modules) - before:
+        if name in ("run", "measure", "report", "shapes", "train", "muon", "host", "tune",
+                    "distributed"):
+            sys.modules.pop(name, None)
+
+
+@pytest.mark.parametrize("script,argv", [
+    ("run", []), ("run", ["--memory"]), ("train", []), ("train", ["--memory"]), ("muon", []),
+    ("host", []), ("distributed", ["--device", "cpu"]), ("tune", ["--smoke", "--device", "cpu"])])
+def test_default_out_dir_is_beside_the_scripts(bench_modules, monkeypatch, tmp_path, script,
+                                               argv):
+    """Every script that writes results defaults to <repo>/bench/results/, whatever the current
+    directory (from inside bench/ it once wrote bench/bench/results/); the default full run has
+    no tag in its file names."""
+    if script == "tune":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # tune.py runs on CPU only interpreted
+    module = bench_modules(script)
+    for cwd in (BENCH, tmp_path):
+        monkeypatch.chdir(cwd)
+        args = module.parse_args(argv)
+        assert pathlib.Path(args.out_dir) == BENCH / "results"
+        assert args.tag == ("smoke" if script == "tune" else "")
+
+
+def test_run_tags_and_names(bench_modules, tmp_path):
+    """One naming scheme for every script (report.result_paths): what kind of run it was, and
+    never another run's name."""
+    report, run = bench_modules("report"), bench_modules("run")
+    tags = {tuple(argv): run.parse_args(argv + ["--device", "cpu"]).tag for argv in (
+        [], ["--quick"], ["--quick", "--compile"], ["--optimizers", "family"],
+        ["--clip", "amp"], ["--shapes", "smoke", "--optimizers", "sgd", "--dtypes", "float32",
+                            "--steps", "3"],
+        ["--memory"], ["--memory", "--quick"], ["--memory", "bf16+sr,fp16+master"])}
+    assert list(tags.values()) == [
+        "", "quick", "quick-compile", "family", "clipamp", "smoke-sgd-fp32-steps3", "", "quick",
+        "bf16+sr_fp16+master"]
+    # given as the default, an option is no different kind of run
+    assert run.parse_args(["--device", "cpu", "--dtypes", "float32,bfloat16"]).tag == ""
+    assert report.run_tag("", {"impls": ["torch fused", "fusedopt (torch)"]}) == \
+        "torch-fused_fusedopt-torch"
+    assert len(report.run_tag("", {"x": ["a" * 50, "b" * 50]})) == report.MAX_TAG
+    day = datetime.date.today().isoformat()
+    device = "CPU (2 torch threads)"
+    full = report.result_paths(tmp_path, "", device, "", ("md", "json", "png"))
+    assert full["md"].name == f"cpu-{day}.md"
+    full["png"].write_text("")  # any kind taken takes the name
+    again = report.result_paths(tmp_path, "", device, "", ("md", "json", "png"))
+    assert again["md"].name == f"cpu-{day}-2.md"
+    quick = report.result_paths(tmp_path, "", device, "quick", ("md", "json"))
+    assert quick["md"].name == f"cpu-{day}-quick.md"
+    quick["md"].write_text("")
+    assert report.result_paths(tmp_path, "", device, "quick", ("md",))["md"].name == \
+        f"cpu-{day}-quick-2.md"
+    host = report.result_paths(tmp_path / "new", "host", device, "", ("md", "-profile.txt"))
+    assert host["-profile.txt"].name == f"host-cpu-{day}-profile.txt"
+    assert (tmp_path / "new").is_dir()
+
+
+def test_progress_says_the_time_left(bench_modules):
+    report = bench_modules("report")
+    assert [report.eta_text(s) for s in (0.4, 45, 190, 3600 + 300)] == [
+        "0 s", "45 s", "3 min 10 s", "1 h 5 min"]
+    out, now = io.StringIO(), [0.0]
+    progress = report.Progress(5, stream=out, clock=lambda: now[0])
+    progress.skip()  # a row not measured (say too large for the memory) costs nothing
+    now[0] = 10.0
+    progress.row("a: 1 ms")
+    now[0] = 20.0
+    progress.row("b: skipped", measured=True)
+    now[0] = 30.0
+    progress.row("c: 2 ms")
+    progress.row("d: 3 ms")
+    assert out.getvalue().splitlines() == [
+        "[2/5] a: 1 ms (30 s left)", "[3/5] b: skipped (20 s left)", "[4/5] c: 2 ms (10 s left)",
+        "[5/5] d: 3 ms (done in 30 s)"]
 
 
 FAMILY = ("adagrad", "rmsprop", "nadam", "radam", "adamax", "lion", "lamb", "adafactor")
@@ -214,7 +325,8 @@ def test_train_py_memory_quick(train, tmp_path, capsys):
     train.main(["--memory", "--quick", "--warmup", "1", "--out-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert "| run | params | options | final loss | gap to fp32 |" in out
-    (result,) = [p for p in tmp_path.glob("train-memory-cpu-*-quick.json") if "2000" not in p.name]
+    (result,) = [p for p in tmp_path.glob("train-memory-cpu-*-quick-warmup1.json")
+                 if "2000" not in p.name]
     assert result.with_suffix(".png").stat().st_size > 0
     data = json.loads(result.read_text())
     runs = {r["name"]: r for r in data["runs"]}
@@ -232,11 +344,14 @@ def test_train_py_memory_quick(train, tmp_path, capsys):
     assert {n: r["param_bytes_per_param"] for n, r in runs.items()} == {
         n: 4 if n == "fp32" else 2 for n in runs}
     assert data["config"]["hyperparameters"] == dict(lr=1e-3, weight_decay=0.1)
-    # a second run the same day takes the next name
-    train.main(["--memory", "--quick", "--steps", "2", "--warmup", "1", "--configs",
-                "bf16+master", "--out-dir", str(tmp_path)])
-    second = result.with_name(result.name.replace("-quick", "-2-quick"))
-    assert second.with_suffix(".png").exists() and len(list(tmp_path.glob("*.json"))) == 3
+    # another kind of run is named for its options; the same run again takes the next name
+    for _ in range(2):
+        train.main(["--memory", "--quick", "--steps", "2", "--warmup", "1", "--configs",
+                    "bf16+master", "--out-dir", str(tmp_path)])
+    second = result.with_name(result.name.replace("-quick-warmup1",
+                                                  "-quick-steps2-warmup1-bf16+master"))
+    third = second.with_name(second.name.replace(".json", "-2.json"))
+    assert third.with_suffix(".png").exists() and len(list(tmp_path.glob("*.json"))) == 4
     data = json.loads(second.read_text())
     assert [r["name"] for r in data["runs"]] == ["fp32", "bf16+master"]  # fp32 always runs
 
@@ -313,7 +428,8 @@ def test_tune_py_stops_at_its_budget(tmp_path):
         pytest.skip("the budget logic is device-independent; the CPU run is the cheaper proof")
     done = run_tune("--budget-s", "0.001", tmp_path=tmp_path, device="cpu")
     assert done.returncode == 0, done.stderr[-3000:]
-    data = json.loads(next(tmp_path.glob("tune-*-smoke.json")).read_text())
+    (result,) = tmp_path.glob("tune-*-smoke-budget0.001.json")  # the budget in its name
+    data = json.loads(result.read_text())
     assert [r["stage"] for r in data["results"]] == ["default"]  # the first config always runs
     assert data["meta"]["stopped_early"] and "sgd float32: all" in data["meta"]["skipped"]
     assert "stopped early" in done.stdout
