@@ -28,7 +28,7 @@ def model_params(n):
 
 @pytest.mark.parametrize("n, threads_in_op", [(100, 1), (ONE_THREAD_BELOW, 2)])
 @pytest.mark.parametrize("name, op", [("AdamW", "_fused_adamw_"), ("Adam", "_fused_adam_"),
-                                      ("Adagrad", "_fused_adagrad_")])
+                                      ("Adagrad", "_fused_adagrad_"), ("SGD", "_fused_sgd_")])
 def test_small_fused_steps_take_one_thread(two_threads, monkeypatch, name, op, n, threads_in_op):
     seen = []
     real = getattr(torch, op)
@@ -41,11 +41,11 @@ def test_small_fused_steps_take_one_thread(two_threads, monkeypatch, name, op, n
     ps = model_params(n)
     opt = getattr(fusedopt, name)(ps, lr=1e-2, backend="torch", max_grad_norm=1.0)
     opt.step()
-    assert seen == [threads_in_op]
+    assert seen == [threads_in_op]  # one call: SGD without momentum, the others their fused op
     assert torch.get_num_threads() == 2
 
 
-@pytest.mark.parametrize("name", ["AdamW", "Adagrad"])
+@pytest.mark.parametrize("name", ["AdamW", "Adagrad", "SGD"])
 def test_one_thread_changes_no_bit(two_threads, name):
     """The same steps with every thread (the op forced to 2 by raising the bar to 0 elements) and
     with one: identical params and state."""

@@ -4,7 +4,7 @@ import torch
 from torch.optim.sgd import sgd as torch_sgd  # the functional SGD behind torch.optim.SGD
 
 from fusedopt._distributed import local, wrap_like
-from fusedopt._elementwise import ElementwiseStep
+from fusedopt._elementwise import ElementwiseStep, small_cpu_op
 from fusedopt._grouping import pick
 from fusedopt.nonfinite import keep_where
 from fusedopt.optimizer import (class_doc, compute_dtype, host_float, scalar_on,
@@ -45,8 +45,9 @@ def sgd_torch_(params, grads, momentum_buffers, *, lr, momentum, dampening, weig
         bufs[i] = sgd_rule_(params[i], grads[i], bufs[i], **hyper)
     if momentum == 0:
         if fused:
-            torch._fused_sgd_(pick(params, fused), pick(grads, fused), [], is_first_step=False,
-                              **hyper)
+            with small_cpu_op(pick(params, fused)):
+                torch._fused_sgd_(pick(params, fused), pick(grads, fused), [],
+                                  is_first_step=False, **hyper)
         return
     new = [i for i in fused if bufs[i] is None]
     old = [i for i in fused if bufs[i] is not None]
@@ -54,8 +55,9 @@ def sgd_torch_(params, grads, momentum_buffers, *, lr, momentum, dampening, weig
         bufs[i] = (torch.empty_like if found_inf is None else torch.zeros_like)(grads[i])
     for idx, first in ((old, False), (new, True)):
         if idx:
-            torch._fused_sgd_(pick(params, idx), pick(grads, idx), pick(bufs, idx),
-                              is_first_step=first, **hyper)
+            with small_cpu_op(pick(params, idx)):
+                torch._fused_sgd_(pick(params, idx), pick(grads, idx), pick(bufs, idx),
+                                  is_first_step=first, **hyper)
 
 
 def sgd_foreach_(params, grads, bufs, *, lr, momentum, dampening, weight_decay, nesterov,
