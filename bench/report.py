@@ -97,31 +97,39 @@ def eta_text(seconds: float) -> str:
 
 
 class Progress:
-    """Progress lines on stderr with the time left: ``[done/total] what (T left)``, T from the
-    wall time since start over the rows measured so far, times the rows still to run (rows
-    skipped without measuring count as done and cost nothing). Rows differ in cost (a large
-    shape set's rows take longest), so T is rough; it settles as the run goes on."""
+    """Progress lines on stderr with the time left: ``[done/total] what (T left)``, T the wall
+    time since start per unit of work measured so far, times the work still to run. A row's
+    work is 1 unless the caller weighs rows (``total_work`` and each row's ``work``: run.py
+    weighs a row by its shape set's size, as a large set's rows take longest); rows skipped
+    without measuring count as done and cost nothing. T is rough, and settles as the run goes
+    on."""
 
-    def __init__(self, total: int, stream=None, clock=None):
+    def __init__(self, total: int, total_work: float | None = None, stream=None, clock=None):
         import sys
         import time
-        self.total, self.done, self.measured = total, 0, 0
+        self.total, self.done = total, 0
+        self.total_work = total if total_work is None else total_work
+        self.work_done = self.work_measured = 0.0
         self._clock = clock or time.perf_counter
         self.start = self._clock()
         self.stream = stream if stream is not None else sys.stderr
 
-    def skip(self, rows: int = 1) -> None:
+    def skip(self, rows: int = 1, work: float | None = None) -> None:
         self.done += rows
+        self.work_done += rows if work is None else work
 
     def left_s(self) -> float | None:
-        if not self.measured:
+        if not self.work_measured:
             return None
-        return (self._clock() - self.start) / self.measured * (self.total - self.done)
+        return ((self._clock() - self.start) / self.work_measured
+                * max(0.0, self.total_work - self.work_done))
 
-    def row(self, what: str, measured: bool = True) -> str:
+    def row(self, what: str, measured: bool = True, work: float = 1.0) -> str:
         """Counts one row (measured or not) and prints its line."""
         self.done += 1
-        self.measured += measured
+        self.work_done += work
+        if measured:
+            self.work_measured += work
         left = self.left_s()
         line = f"[{self.done}/{self.total}] {what}"
         if self.done < self.total and left is not None:

@@ -682,6 +682,18 @@ def _close_meta(meta, device, busy_start, skipped, progress) -> None:
                              else f"{busy_start:.2f} / {busy_end:.2f}")
     meta["skipped"] = skipped
 
+# A row's cost in the progress lines' time left (report.Progress): its shape set's elements plus
+# this many per tensor. Fitted to the default CPU run at 199f20e (2-core EPYC, idle: a row took
+# 2.0 s on gpt2-small, 0.47 s on resnet50, 0.68 s on many-small's 2000 tensors); counting rows
+# alike, the time left read 3x the truth while gpt2-small's rows ran, weighed so, 1.1-1.5x.
+ROW_TENSOR_WORK = 20_000
+
+
+def row_work(set_name: str) -> int:
+    shape_list = shapes.get(set_name)
+    return shapes.numel(shape_list) + ROW_TENSOR_WORK * len(shape_list)
+
+
 def memory_rows(opt: str, configs, dtype, device) -> list[tuple[str, str]]:
     """(configuration, implementation) of each row --memory times for ``opt`` among the
     ``configs`` in param dtype ``dtype``, in order: the torch recipes of one (dtype, recipe)
@@ -709,9 +721,11 @@ def main_memory(args, device, meta) -> None:
     busy_start = measure.busy_cpus() if device.type == "cpu" else None
     measure.warn_if_busy(busy_start, "at start")
     results, skipped = [], []
-    progress = report.Progress(len(args.shapes) * len(args.clip) * sum(
+    per_set = len(args.clip) * sum(
         len(memory_rows(opt, args.memory, dtype, device)) for opt in args.optimizers
-        for dtype in dict.fromkeys(MEMORY[name][0] for name in args.memory)))
+        for dtype in dict.fromkeys(MEMORY[name][0] for name in args.memory))
+    progress = report.Progress(len(args.shapes) * per_set,
+                               sum(row_work(s) for s in args.shapes) * per_set)
     for set_name in args.shapes:
         shape_list = shapes.get(set_name)
         n = shapes.numel(shape_list)
@@ -724,8 +738,9 @@ def main_memory(args, device, meta) -> None:
                     if fits_in_memory(n, 1, o, device, n * (4 * elt + 8 + 4 * STATE_COPIES[o]))]
             skipped += [f"{set_name} {DTYPE_NAMES[dtype]} {o}: needs more memory than is free"
                         for o in args.optimizers if o not in opts]
-            progress.skip(len(args.clip) * sum(len(memory_rows(o, args.memory, dtype, device))
-                                               for o in args.optimizers if o not in opts))
+            rows = len(args.clip) * sum(len(memory_rows(o, args.memory, dtype, device))
+                                        for o in args.optimizers if o not in opts)
+            progress.skip(rows, rows * row_work(set_name))
             if not opts:
                 continue
             gen = torch.Generator(device=device).manual_seed(0)
@@ -760,7 +775,7 @@ def main_memory(args, device, meta) -> None:
                         progress.row(
                             f"{set_name} clip {clip} {opt} "
                             f"{name if ours else DTYPE_NAMES[dtype] + ' ' + MEMORY[name][2]}"
-                            f" {impl}: {median:.3f} ms")
+                            f" {impl}: {median:.3f} ms", work=row_work(set_name))
             del masters
             gc.collect()
     _close_meta(meta, device, busy_start, skipped, progress)
@@ -802,8 +817,9 @@ def main(argv=None):
     measure.warn_if_busy(busy_start, "at start")
     impls = {opt: impls_for(opt, device, args.compile) for opt in args.optimizers}
     results, skipped = [], []
-    progress = report.Progress(
-        len(args.shapes) * len(args.dtypes) * len(args.clip) * sum(map(len, impls.values())))
+    per_set = len(args.dtypes) * len(args.clip) * sum(map(len, impls.values()))
+    progress = report.Progress(len(args.shapes) * per_set,
+                               sum(row_work(s) for s in args.shapes) * per_set)
     for set_name in args.shapes:
         shape_list = shapes.get(set_name)
         n = shapes.numel(shape_list)
@@ -814,7 +830,8 @@ def main(argv=None):
             for opt in args.optimizers:
                 if opt not in fitting:
                     skipped.append(f"{set_name} {dtype_name} {opt}: needs more memory than is free")
-                    progress.skip(len(args.clip) * len(impls[opt]))
+                    rows = len(args.clip) * len(impls[opt])
+                    progress.skip(rows, rows * row_work(set_name))
             if not fitting:
                 continue
             gen = torch.Generator(device=device).manual_seed(0)
@@ -833,7 +850,8 @@ def main(argv=None):
                             # a recipe torch does not offer here (say fused Adagrad on a device
                             # without its kernel): said in the report, the run goes on
                             skipped.append(f"{what}: {type(e).__name__}: {str(e)[:200]}")
-                            progress.row(f"{what}: skipped ({type(e).__name__})")
+                            progress.row(f"{what}: skipped ({type(e).__name__})",
+                                         work=row_work(set_name))
                             continue
                         times = m.pop("times_ms")
                         median = statistics.median(times)
@@ -850,7 +868,7 @@ def main(argv=None):
                             bytes_counted=counted is not None,
                             gb_per_s=gbs, pct_of_copy=100 * gbs / meta["copy_gbs"],
                             times_ms=times, row_s=time.perf_counter() - row_start, **m))
-                        progress.row(f"{what}: {median:.3f} ms")
+                        progress.row(f"{what}: {median:.3f} ms", work=row_work(set_name))
             del masters
             gc.collect()
     _close_meta(meta, device, busy_start, skipped, progress)

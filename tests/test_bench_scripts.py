@@ -137,6 +137,12 @@ def test_progress_says_the_time_left(bench_modules):
     assert out.getvalue().splitlines() == [
         "[2/5] a: 1 ms (30 s left)", "[3/5] b: skipped (20 s left)", "[4/5] c: 2 ms (10 s left)",
         "[5/5] d: 3 ms (done in 30 s)"]
+    # rows weighed by their work: 1 s for 1 unit, 3 units left
+    out, now = io.StringIO(), [0.0]
+    progress = report.Progress(3, total_work=4.0, stream=out, clock=lambda: now[0])
+    now[0] = 1.0
+    progress.row("small", work=1.0)
+    assert out.getvalue() == "[1/3] small (3 s left)\n"
 
 
 FAMILY = ("adagrad", "rmsprop", "nadam", "radam", "adamax", "lion", "lamb", "adafactor")
