@@ -671,6 +671,14 @@ def run_tag(args, device_type: str, memory: bool) -> str:
 
 
 
+def seeded_masters(shape_list, dtype, device):
+    """The params and grads every implementation of a shape set starts from (copied per row),
+    from one seeded generator, so that every row steps the same numbers."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    return ([torch.randn(s, generator=gen, device=device).to(dtype) for s in shape_list],
+            [torch.randn(s, generator=gen, device=device).to(dtype) for s in shape_list])
+
+
 def _close_meta(meta, device, busy_start, skipped, progress) -> None:
     """The run's end in its metadata: how busy the CPUs were at start and end (a warning when
     they were), what was skipped, and the wall time of the rows (wall_s: from the first row's
@@ -744,9 +752,7 @@ def main_memory(args, device, meta) -> None:
             progress.skip(rows, rows * row_work(set_name))
             if not opts:
                 continue
-            gen = torch.Generator(device=device).manual_seed(0)
-            masters = ([torch.randn(s, generator=gen, device=device).to(dtype) for s in shape_list],
-                       [torch.randn(s, generator=gen, device=device).to(dtype) for s in shape_list])
+            masters = seeded_masters(shape_list, dtype, device)
             for clip in args.clip:
                 for opt in opts:
                     for name, impl in memory_rows(opt, configs, dtype, device):
@@ -835,9 +841,7 @@ def main(argv=None):
                     progress.skip(rows, rows * row_work(set_name))
             if not fitting:
                 continue
-            gen = torch.Generator(device=device).manual_seed(0)
-            masters = ([torch.randn(s, generator=gen, device=device).to(dtype) for s in shape_list],
-                       [torch.randn(s, generator=gen, device=device).to(dtype) for s in shape_list])
+            masters = seeded_masters(shape_list, dtype, device)
             for clip in args.clip:
                 for opt in fitting:
                     for impl in impls[opt]:
