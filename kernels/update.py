@@ -67,28 +67,20 @@ def _block(p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, m_ptr, offs, n, coef, inv_scale
                          h7, F0, F1, F2)
     sdtype = s0_ptr.dtype.element_ty
     dtype = p_ptr.dtype.element_ty
-    r01 = 0  # random bits: param (low 16) and s0 (high 16), then s1 and s2 (fusedopt/rounding.py)
-    r23 = 0
+    # random bits (fusedopt/rounding.py): the first hash's halves round s0 (high) and p (low),
+    # the second's s1 and s2. Each is made just before its stores and dead after them: made up
+    # front, both lived across every store and triton 3.6 gave the fp32 RMSprop update with three
+    # bf16 state columns 166 registers on sm_80 (fp16 AdamW with an fp32 copy and bf16 states 152)
+    r = 0
     if SR:
-        r01 = element_bits(stream_, offs, False)
-        if STATES & 6:
-            if sdtype != tl.float32:
-                r23 = element_bits(stream_, offs, True)
+        r = element_bits(stream_, offs, False)
     # fp32 is stored as computed: under the interpreter each nested call costs ~0.2 ms a block,
     # and rounding fp32 blocks too (2 to 4 stores a block) took tests/test_kernels.py from 41.3
     # to 44.9 s (CI's CPU, triton 3.9)
     if STATES & 1:
         if sdtype != tl.float32:
-            s0 = stochastic(s0, sdtype, r01 >> 16) if SR else round_to(s0, sdtype)
+            s0 = stochastic(s0, sdtype, r >> 16) if SR else round_to(s0, sdtype)
         tl.store(s0_ptr + offs, s0, mask=mask)
-    if STATES & 2:
-        if sdtype != tl.float32:
-            s1 = stochastic(s1, sdtype, r23) if SR else round_to(s1, sdtype)
-        tl.store(s1_ptr + offs, s1, mask=mask)
-    if STATES & 4:
-        if sdtype != tl.float32:
-            s2 = stochastic(s2, sdtype, r23 >> 16) if SR else round_to(s2, sdtype)
-        tl.store(s2_ptr + offs, s2, mask=mask)
     if MASTER == 1:
         p, rem = split_bf16(p)
         tl.store(m_ptr + offs, rem, mask=mask)
@@ -96,8 +88,20 @@ def _block(p_ptr, g_ptr, s0_ptr, s1_ptr, s2_ptr, m_ptr, offs, n, coef, inv_scale
         tl.store(m_ptr + offs, p, mask=mask)
         p = p.to(dtype)  # fp16: to nearest even, as torch (the master is exact)
     elif dtype != tl.float32:
-        p = stochastic(p, dtype, r01) if SR else round_to(p, dtype)
+        p = stochastic(p, dtype, r) if SR else round_to(p, dtype)
     tl.store(p_ptr + offs, p, mask=mask)
+    if SR:
+        if STATES & 6:
+            if sdtype != tl.float32:
+                r = element_bits(stream_, offs, True)
+    if STATES & 2:
+        if sdtype != tl.float32:
+            s1 = stochastic(s1, sdtype, r) if SR else round_to(s1, sdtype)
+        tl.store(s1_ptr + offs, s1, mask=mask)
+    if STATES & 4:
+        if sdtype != tl.float32:
+            s2 = stochastic(s2, sdtype, r >> 16) if SR else round_to(s2, sdtype)
+        tl.store(s2_ptr + offs, s2, mask=mask)
 
 
 @triton.jit(do_not_specialize=["n_blocks", "n_partials", "write_out"])
