@@ -402,7 +402,7 @@ class _PieceBits:
     def column(self, col):
         second = col >= 2
         if self.hashes[second] is None:
-            self.hashes[second] = rounding.element_bits(self.stream, second, self.start, self.shape)
+            self.hashes[second] = rounding.hashes32(self.stream, second, self.start, self.shape)
         return rounding.column_bits(self.hashes[second], col)
 
 
