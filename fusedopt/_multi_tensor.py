@@ -50,12 +50,6 @@ def unfit_reason(tensors: list[torch.Tensor], dtypes, device: torch.device,
     return None
 
 
-def tensors_fit_kernel(tensors: list[torch.Tensor], dtypes, device: torch.device,
-                       same_dtype: bool = True) -> bool:
-    """unfit_reason(...) is None."""
-    return unfit_reason(tensors, dtypes, device, same_dtype) is None
-
-
 def scalars_fit_kernel(scalars: list[torch.Tensor], device: torch.device) -> bool:
     """Whether per-tensor scalars (Adam's step) can be read and written by a kernel: plain
     one-element fp32 tensors on ``device``."""

@@ -191,7 +191,7 @@ def test_param_groups_edited_by_hand():
 # -- 2. tensor subclasses never reach a kernel --------------------------------------------------
 
 def test_subclasses_never_fit_a_kernel():
-    from fusedopt._multi_tensor import tensors_fit_kernel
+    from fusedopt._multi_tensor import unfit_reason
 
     class Marked(torch.Tensor):
         pass
@@ -199,10 +199,10 @@ def test_subclasses_never_fit_a_kernel():
     plain = torch.zeros(64, device=DEVICE)
     marked = plain.clone().as_subclass(Marked)
     dtypes = (torch.float32,)
-    assert tensors_fit_kernel([plain, torch.zeros_like(plain)], dtypes, plain.device)
-    assert not tensors_fit_kernel([marked, plain], dtypes, plain.device)
-    assert not tensors_fit_kernel([plain, marked], dtypes, plain.device)
-    assert not tensors_fit_kernel([torch.zeros(0, device=DEVICE)] * 2, dtypes, plain.device)
+    assert unfit_reason([plain, torch.zeros_like(plain)], dtypes, plain.device) is None
+    assert unfit_reason([marked, plain], dtypes, plain.device) == "a Marked, not a plain tensor"
+    assert unfit_reason([plain, marked], dtypes, plain.device) == "a Marked, not a plain tensor"
+    assert unfit_reason([torch.zeros(0, device=DEVICE)] * 2, dtypes, plain.device) == "empty"
 
 
 def test_dtensor_params_step_on_local_shards_on_both_backends():
