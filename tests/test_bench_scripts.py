@@ -220,68 +220,54 @@ def test_run_py_memory_rows(tmp_path):
     assert data["meta"]["versions"]["torch"] and data["meta"]["date"]
 
 
-def test_run_py_memory_arguments_and_file_names(monkeypatch, tmp_path):
-    monkeypatch.syspath_prepend(str(BENCH))
-    before = set(sys.modules)
-    try:
-        run = importlib.import_module("run")
-        report = importlib.import_module("report")
-        args = run.parse_args(["--memory", "--device", "cpu"])
-        assert args.memory == list(run.MEMORY) and args.clip == ["on"]
-        assert args.optimizers == ["adamw", "sgd"]
-        assert run.parse_args(["--memory", "bf16+sr,fp16+master", "--device", "cpu"]).memory == \
-            ["bf16+sr", "fp16+master"]
-        assert run.parse_args(["--device", "cpu"]).memory is None  # not in the default matrix
-        for bad in (["--memory", "bf17"], ["--memory", "--dtypes", "float32"],
-                    ["--memory", "--clip", "amp"], ["--memory", "--optimizers", "lamb"]):
-            with pytest.raises(SystemExit):
-                run.parse_args(bad + ["--device", "cpu"])
-        first = report.unused_paths(tmp_path, "memory-cpu-2026-01-01", "", ("md", "json"))
-        first["json"].write_text("{}")  # any kind taken takes the name
-        second = report.unused_paths(tmp_path, "memory-cpu-2026-01-01", "", ("md", "json"))
-        assert second["md"].name == "memory-cpu-2026-01-01-2.md"
-    finally:
-        for name in ("run", "measure", "report", "shapes"):
-            if name not in before:
-                sys.modules.pop(name, None)
+def test_run_py_memory_arguments_and_file_names(bench_modules, tmp_path):
+    run = bench_modules("run")
+    report = bench_modules("report")
+    args = run.parse_args(["--memory", "--device", "cpu"])
+    assert args.memory == list(run.MEMORY) and args.clip == ["on"]
+    assert args.optimizers == ["adamw", "sgd"]
+    assert run.parse_args(["--memory", "bf16+sr,fp16+master", "--device", "cpu"]).memory == \
+        ["bf16+sr", "fp16+master"]
+    assert run.parse_args(["--device", "cpu"]).memory is None  # not in the default matrix
+    for bad in (["--memory", "bf17"], ["--memory", "--dtypes", "float32"],
+                ["--memory", "--clip", "amp"], ["--memory", "--optimizers", "lamb"]):
+        with pytest.raises(SystemExit):
+            run.parse_args(bad + ["--device", "cpu"])
+    first = report.unused_paths(tmp_path, "memory-cpu-2026-01-01", "", ("md", "json"))
+    first["json"].write_text("{}")  # any kind taken takes the name
+    second = report.unused_paths(tmp_path, "memory-cpu-2026-01-01", "", ("md", "json"))
+    assert second["md"].name == "memory-cpu-2026-01-01-2.md"
 
 
-def test_master_recipe_is_fusedopts_master_weights(monkeypatch):
+def test_master_recipe_is_fusedopts_master_weights(bench_modules):
     """run.make_master_step (torch.optim on fp32 masters copied into bf16 params) computes what
     fusedopt.AdamW(master_weights=True, state_dtype=torch.float32) does: the same fp32 masters to
     fp32 rounding, so the two rows of --memory compare like with like. Without the clip: with
     it, fusedopt's CPU torch path rounds each bf16 grad's norm to bf16, as clip_grad_norm_ does on
     bf16 grads (fusedopt/clip.py, for speed), where the recipe takes the norm of fp32 copies; the
     coefficients then differ by up to ~2**-8 and the masters by ~lr / 500 (2e-6 here)."""
-    monkeypatch.syspath_prepend(str(BENCH))
-    before = set(sys.modules)
-    try:
-        run = importlib.import_module("run")
-        gen = torch.Generator().manual_seed(0)
-        init = [torch.randn(s, generator=gen).to(torch.bfloat16) for s in ((33, 65), (127,))]
-        grads = [[torch.randn(t.shape, generator=gen).to(torch.bfloat16) for t in init]
-                 for _ in range(4)]
-        steps, finals = {}, {}
-        for impl in ("torch fused + fp32 master", "fusedopt (torch)"):
-            params = [t.clone().requires_grad_() for t in init]
-            for p in params:
-                p.grad = torch.zeros_like(p)
-            step = run.make_step("adamw", impl, params, "off", "bf16+master+fp32-states")
-            for gs in grads:
-                torch._foreach_copy_([p.grad for p in params], gs)
-                step()
-            steps[impl] = step
-            finals[impl] = params
-        ours = steps["fusedopt (torch)"].optimizer
-        masters = steps["torch fused + fp32 master"].held[:2]
-        for p, master in zip(finals["fusedopt (torch)"], masters):
-            torch.testing.assert_close(ours.master_param(p), master, rtol=1e-6, atol=1e-7)
-        for a, b in zip(*finals.values()):  # bf16 params: the masters rounded (ties may differ)
-            torch.testing.assert_close(a, b, rtol=2 ** -8, atol=0)
-    finally:
-        for name in ("run", "measure", "report", "shapes"):
-            if name not in before:
-                sys.modules.pop(name, None)
+    run = bench_modules("run")
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(s, generator=gen).to(torch.bfloat16) for s in ((33, 65), (127,))]
+    grads = [[torch.randn(t.shape, generator=gen).to(torch.bfloat16) for t in init]
+             for _ in range(4)]
+    steps, finals = {}, {}
+    for impl in ("torch fused + fp32 master", "fusedopt (torch)"):
+        params = [t.clone().requires_grad_() for t in init]
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        step = run.make_step("adamw", impl, params, "off", "bf16+master+fp32-states")
+        for gs in grads:
+            torch._foreach_copy_([p.grad for p in params], gs)
+            step()
+        steps[impl] = step
+        finals[impl] = params
+    ours = steps["fusedopt (torch)"].optimizer
+    masters = steps["torch fused + fp32 master"].held[:2]
+    for p, master in zip(finals["fusedopt (torch)"], masters):
+        torch.testing.assert_close(ours.master_param(p), master, rtol=1e-6, atol=1e-7)
+    for a, b in zip(*finals.values()):  # bf16 params: the masters rounded (ties may differ)
+        torch.testing.assert_close(a, b, rtol=2 ** -8, atol=0)
 
 
 def test_train_py_loss_curves_coincide(tmp_path):
@@ -296,15 +282,9 @@ def test_train_py_loss_curves_coincide(tmp_path):
 
 
 @pytest.fixture
-def train(monkeypatch):
-    """bench/train.py imported (bench/ on sys.path for its own imports; its modules dropped
-    after)."""
-    monkeypatch.syspath_prepend(str(BENCH))
-    before = set(sys.modules)
-    yield importlib.import_module("train")
-    for name in ("train", "run", "measure", "report", "shapes"):
-        if name not in before:
-            sys.modules.pop(name, None)
+def train(bench_modules):
+    """bench/train.py imported (bench_modules: its modules dropped after)."""
+    return bench_modules("train")
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", *FAMILY])  # adamw: the default, above
@@ -387,15 +367,9 @@ def run_tune(*args, tmp_path, device):
 
 
 @pytest.fixture
-def tune(monkeypatch):
-    """bench/tune.py imported (bench/ on sys.path for its own imports; its modules dropped
-    after)."""
-    monkeypatch.syspath_prepend(str(BENCH))
-    before = set(sys.modules)
-    yield importlib.import_module("tune")
-    for name in ("tune", "run", "measure", "report", "shapes"):
-        if name not in before:
-            sys.modules.pop(name, None)
+def tune(bench_modules):
+    """bench/tune.py imported (bench_modules: its modules dropped after)."""
+    return bench_modules("tune")
 
 
 def test_tune_py_sweeps_and_writes_best_settings(tmp_path):
