@@ -22,6 +22,23 @@ class GradScaler(torch.amp.GradScaler):
     """torch.amp.GradScaler (same arguments) whose ``step(opt)`` on a fusedopt optimizer takes the
     inf check from the optimizer's norm pass instead of a pass of its own (module docstring)."""
 
+    @classmethod
+    def from_torch(cls, scaler: torch.amp.GradScaler) -> "GradScaler":
+        """This scaler in place of ``scaler`` (a torch.amp.GradScaler a framework made): the same
+        device, settings, current scale and growth tracker; refused between a step and its
+        update(), where the scaler holds per-optimizer state of the step in flight."""
+        if not scaler.is_enabled():  # a disabled scaler keeps no settings
+            return cls(scaler._device, enabled=False)
+        if any(s["stage"] is not OptState.READY for s in scaler._per_optimizer_states.values()):
+            raise RuntimeError(
+                "fusedopt.GradScaler.from_torch: the scaler is between step() and update(); "
+                "convert it before training starts or right after update()")
+        new = cls(scaler._device, init_scale=scaler._init_scale,
+                  growth_factor=scaler._growth_factor, backoff_factor=scaler._backoff_factor,
+                  growth_interval=scaler._growth_interval)
+        new.load_state_dict(scaler.state_dict())  # mid-training: the scale reached so far
+        return new
+
     def step(self, optimizer, *args, **kwargs):
         if not self._enabled or not isinstance(optimizer, ClippedStep):
             return super().step(optimizer, *args, **kwargs)
