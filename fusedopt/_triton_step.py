@@ -360,16 +360,18 @@ class StepPlan:
     def _launch(self, opt, per_dtype, fallback_grads, guard):
         from fusedopt.kernels.norm import norm_pass_
         device, cfg = self.device, self.cfg
-        clipping = opt.max_grad_norm is not None
-        clip = KernelClip(device, len(self.launches) + (1 if fallback_grads else 0), opt.norm_type,
-                          opt.max_grad_norm, opt.max_grad_value, cfg.num_partials, guard)
+        settings = opt._clip  # this step's (ClippedStep.step)
+        clipping = settings.max_norm is not None
+        clip = KernelClip(device, len(self.launches) + (1 if fallback_grads else 0),
+                          settings.norm_type, settings.max_norm, settings.max_value,
+                          cfg.num_partials, guard)
         # 1. per dtype: this step's grad addresses (one copy, when they changed), the norm pass
         #    (it also advances Adam's step counters and looks for inf/NaN)
         for slot, (launch, ptrs) in enumerate(zip(self.launches, per_dtype)):
             launch.refresh_grads(ptrs)
             launch.flat_ptrs = ptrs
             if clipping or launch.has_step or clip.detect:
-                norm_pass_(launch.norm, clip, slot, launch.dtype, opt.max_grad_value, launch.has_step,
+                norm_pass_(launch.norm, clip, slot, launch.dtype, settings.max_value, launch.has_step,
                            opt._SCALAR_STATE is not None, launch.norm.grid, cfg.num_warps)
         if fallback_grads:
             # copies: the torch path unscales and clamps in place, and .grad stays as it was
@@ -378,7 +380,7 @@ class StepPlan:
             _fallback_prepare_(clip, [g for gs in fallback_grads for g in gs], counted, opt, guard,
                                len(self.launches), cfg.num_partials)
         if self.reduce is not None and (clipping or clip.detect):
-            _all_reduce_partials_(clip, self.reduce, opt.norm_type, device)
+            _all_reduce_partials_(clip, self.reduce, settings.norm_type, device)
         # 2. the updates, once every norm pass (and the torch-path share) is in the partials
         for launch in self.launches:
             for gi, table in launch.updates:
@@ -388,7 +390,7 @@ class StepPlan:
         skip = clip.out[1] if clip.skips else None
         # 3. the torch path for the rest, clipped by the same total norm, skipped by the same flag
         if fallback_grads:
-            scale = _clip.ClipScale(clip.out[0], opt.max_grad_norm) if clipping else None
+            scale = _clip.ClipScale(clip.out[0], settings.max_norm) if clipping else None
             opt._step_torch_groups([e.fallback_params for e in self.entries], scale, skip,
                                    fallback_grads)
         return skip
@@ -440,10 +442,12 @@ def _fallback_prepare_(clip, grads, counted, opt, guard, slot, width) -> None:
             flags = clip.flags(slot, width)
             flags.zero_()
             flags[0] = torch.where(found != 0, float("nan"), 0.0)
-    if opt.max_grad_value is not None:
-        _clip.clamp_grads_(grads, opt.max_grad_value)
+    settings = opt._clip
+    if settings.max_value is not None:
+        _clip.clamp_grads_(grads, settings.max_value)
     if clip.norm:  # the share as the kernels' partials hold it: sum of squares, or max |g|
-        share = _clip.norm_share([g for g, c in zip(grads, counted) if c], opt.norm_type, device)
+        share = _clip.norm_share([g for g, c in zip(grads, counted) if c], settings.norm_type,
+                                 device)
         partials = clip.partials[slot * width:(slot + 1) * width]
         partials.zero_()
         partials[0] = share

@@ -10,6 +10,7 @@ gives inf, the total is inf and the clip coefficient 0 zeroes the whole update; 
 Triton kernels) the norm comes out finite and the step is clipped to it.
 """
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -41,6 +42,47 @@ def check_positive(name: str, value) -> float | None:
     if not value > 0:  # also rejects NaN
         raise ValueError(f"{name} must be > 0 (or None to disable), got {value}")
     return float(value)
+
+
+# The clip settings, kept in the param groups as torch keeps its hyperparameters (so they are in
+# state_dict(), a resumed run takes the saved ones, and a scheduler can change them between steps),
+# each only while it differs from its default here: a non-clipping optimizer's groups and
+# state_dict stay torch.optim's, key for key (torch.distributed.checkpoint refuses to load a
+# checkpoint that lacks a key the loading optimizer's groups have).
+CLIP_DEFAULTS = dict(max_grad_norm=None, norm_type=2.0, max_grad_value=None)
+
+
+class ClipSettings(NamedTuple):
+    """One step's clip, the same for every param group: one norm is taken over all of them."""
+    max_norm: float | None
+    norm_type: float
+    max_value: float | None
+
+
+def check_setting(key: str, value):
+    """A clip setting as stored (norm_type 'inf' becomes float('inf')), or the error naming it."""
+    return check_norm_type(value) if key == "norm_type" else check_positive(key, value)
+
+
+def settings_of(name: str, groups: list[dict]) -> ClipSettings:
+    """The clip settings of ``groups`` (a key a group lacks has its default), checked: every group
+    must ask for the same, since one global norm clips them all; a value a scheduler wrote is
+    checked as the constructor checks it."""
+    first = None
+    for gi, group in enumerate(groups):
+        asked = tuple(group.get(k, d) for k, d in CLIP_DEFAULTS.items())
+        if first is None:
+            first = asked
+        elif asked != first:
+            key = next(k for k, a, b in zip(CLIP_DEFAULTS, first, asked) if a != b)
+            raise ValueError(
+                f"fusedopt.{name}: param group {gi} has {key}={group.get(key, CLIP_DEFAULTS[key])!r} "
+                f"where group 0 has {groups[0].get(key, CLIP_DEFAULTS[key])!r}; the clip is global "
+                "(one norm over every group), so every group must have the same value: set "
+                f"opt.{key} = value to change it in all groups")
+    if first is None:
+        return ClipSettings(None, 2.0, None)
+    return ClipSettings(*(check_setting(k, v) for k, v in zip(CLIP_DEFAULTS, first)))
 
 
 def clamp_grads_(grads: list[torch.Tensor], max_value: float) -> None:

@@ -20,9 +20,36 @@ from fusedopt._grouping import group_by_device_dtype, pick
 from fusedopt._report import StepReport
 from fusedopt._state import tracked_copy
 
-# Instance attributes that torch.optim.Optimizer.__getstate__ would drop (pickle, deepcopy).
-_OWN_ATTRS = ("max_grad_norm", "norm_type", "max_grad_value", "nonfinite", "backend", "norm_group",
-              "grad_norm", "step_skipped")
+# Instance attributes that torch.optim.Optimizer.__getstate__ would drop (pickle, deepcopy). The
+# clip settings live in the param groups (clip.CLIP_DEFAULTS), which torch's pickling keeps.
+_OWN_ATTRS = ("nonfinite", "backend", "norm_group", "grad_norm", "step_skipped", "_clip_defaults")
+_CLIP_ATTRS = tuple(_clip.CLIP_DEFAULTS)
+
+
+def _clip_property(key: str) -> property:
+    """``opt.<key>``: the clip setting every param group holds (ValueError when they differ);
+    assigning it checks the value and sets it in every group, and for groups added or loaded
+    later."""
+    def get(self):
+        """Read: the value every param group holds. Assign: checked, then set in every group."""
+        return getattr(_clip.settings_of(type(self).__name__, self.param_groups),
+                       _SETTING_FIELD[key])
+
+    def set_(self, value):
+        value = _clip.check_setting(key, value)
+        if value == _clip.CLIP_DEFAULTS[key]:
+            self._clip_defaults.pop(key, None)
+        else:
+            self._clip_defaults[key] = value
+        for target in (*self.param_groups, self.defaults):
+            if value == _clip.CLIP_DEFAULTS[key]:
+                target.pop(key, None)
+            else:
+                target[key] = value
+    return property(get, set_, doc=f"The clip's {key}, kept in every param group. {get.__doc__}")
+
+
+_SETTING_FIELD = dict(zip(_CLIP_ATTRS, _clip.ClipSettings._fields))
 
 
 def scalar_on(value, device: torch.device):
@@ -93,8 +120,9 @@ _MEMORY_DOC = {
         state_dtype (torch.dtype, optional): the dtype the state tensors are stored in
             (torch.float32, torch.bfloat16 or torch.float16; default the param's, as torch.optim);
             the math is fp32 either way.
-        rounding_seed (int, optional): the seed of stochastic rounding's bits; drawn from torch's
-            default generator when None. Each of these four that is set (and the seed of a group
+        rounding_seed (int, optional): the seed of stochastic rounding's bits; when None, drawn
+            from torch's default generator by an optimizer that rounds (at construction, or at
+            the first step that rounds), never by one that does not. Each of these four that is set (and the seed of a group
             that rounds) is kept in the param groups, so it is in ``state_dict()``, may differ per
             group, and a resumed run continues the same random stream; left at their defaults,
             the groups and the state_dict are torch.optim's.""",
@@ -209,9 +237,11 @@ class ClippedStep:
 
     def _init_clip(self, max_grad_norm, norm_type, max_grad_value, nonfinite, backend,
                    norm_group=None) -> None:
-        self.max_grad_norm = _clip.check_positive("max_grad_norm", max_grad_norm)
-        self.norm_type = _clip.check_norm_type(norm_type)
-        self.max_grad_value = _clip.check_positive("max_grad_value", max_grad_value)
+        asked = dict(max_grad_norm=max_grad_norm, norm_type=norm_type, max_grad_value=max_grad_value)
+        asked = {k: _clip.check_setting(k, v) for k, v in asked.items()}
+        # the settings that differ from their defaults: every param group gets them (add_param_group)
+        self._clip_defaults = {k: v for k, v in asked.items() if v != _clip.CLIP_DEFAULTS[k]}
+        self._clip = _clip.ClipSettings(*asked.values())  # this step's, read by the step's passes
         self.nonfinite = _nonfinite.check_policy(nonfinite)
         self.backend = check_backend(backend)
         self.norm_group = check_norm_group(norm_group)
@@ -251,10 +281,22 @@ class ClippedStep:
     def _drop_plan(self) -> None:
         self.__dict__.pop("_step_plan", None)
 
+    max_grad_norm = _clip_property("max_grad_norm")
+    norm_type = _clip_property("norm_type")
+    max_grad_value = _clip_property("max_grad_value")
+
     # -- input checks ---------------------------------------------------------------------------
 
     def add_param_group(self, param_group: dict) -> None:
         name = type(self).__name__
+        for key in _CLIP_ATTRS:  # torch fills the new group's missing keys from defaults
+            if key in self._clip_defaults:
+                self.defaults[key] = self._clip_defaults[key]
+            else:
+                self.defaults.pop(key, None)
+        if isinstance(param_group, dict) and self.param_groups:
+            # a group asking for another clip than the others' is refused now, not at the step
+            _clip.settings_of(name, [self.param_groups[0], {**self.defaults, **param_group}])
         differentiable = param_group.get("differentiable", self.defaults.get("differentiable", False))
         if differentiable:
             raise NotImplementedError(
@@ -341,6 +383,7 @@ class ClippedStep:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._clip = _clip.settings_of(type(self).__name__, self.param_groups)
         guard = _nonfinite.StepGuard.for_step(self)
         self._nonfinite_where = None
         plan = self.__dict__.get("_step_plan")  # the Triton path's, from an earlier step
@@ -378,7 +421,7 @@ class ClippedStep:
         all parameters replicated). Built every step: it also checks DTensor placements, which
         the update on local shards needs whether or not it clips."""
         reduce = NormReduce.build(type(self).__name__, params, self.norm_group)
-        return reduce if self.max_grad_norm is not None or guard.detect else None
+        return reduce if self._clip.max_norm is not None or guard.detect else None
 
     def _step_torch(self, gathered: list[list[torch.Tensor]], guard) -> torch.Tensor | None:
         """The torch path: unscale and check .grad in place (under a guard), clamp it in place,
@@ -394,25 +437,26 @@ class ClippedStep:
         skip = _nonfinite.unscale_and_check_(grads, guard, device) if guard.active else None
         if guard.policy == "raise" and bool(skip):
             self._nonfinite_where = _nonfinite.culprit(self)  # before the clamp makes an inf finite
-        if self.max_grad_value is not None:
-            _clip.clamp_grads_(grads, self.max_grad_value)
+        settings = self._clip
+        if settings.max_value is not None:
+            _clip.clamp_grads_(grads, settings.max_value)
         clip = None
-        clipping = self.max_grad_norm is not None
+        clipping = settings.max_norm is not None
         if reduce is not None:
             share = _clip.norm_share([g for g, c in zip(grads, reduce.counted) if c],
-                                     self.norm_type, device) if clipping else None
+                                     settings.norm_type, device) if clipping else None
             share, found = reduce.all_reduce(share, skip if guard.detect else None,
-                                             self.norm_type == float("inf"), device)
+                                             settings.norm_type == float("inf"), device)
             if guard.detect:
                 skip = found
             if clipping:
                 dtype = torch.float64 if any(g.dtype == torch.float64 for g in grads) \
                     else torch.float32
-                self.grad_norm = _clip.root_of_share(share, self.norm_type, dtype)
+                self.grad_norm = _clip.root_of_share(share, settings.norm_type, dtype)
         elif clipping:
-            self.grad_norm = _clip.total_norm(grads, self.norm_type, device)
+            self.grad_norm = _clip.total_norm(grads, settings.norm_type, device)
         if clipping:
-            clip = _clip.ClipScale(self.grad_norm, self.max_grad_norm)
+            clip = _clip.ClipScale(self.grad_norm, settings.max_norm)
         self._step_torch_groups(gathered, clip, skip)
         return skip
 
@@ -443,13 +487,35 @@ class ClippedStep:
         return out
 
     def load_state_dict(self, state_dict) -> None:
+        """torch's: the saved groups' clip settings win over the constructor's, as their lr does.
+        Groups saved without them (a torch.optim checkpoint, or one that did not clip) take this
+        optimizer's; so do keys that torch.distributed.checkpoint's partial load
+        (``DefaultLoadPlanner(allow_partial_load=True)``) fills with None."""
         super().load_state_dict(state_dict)
+        self._fill_clip_settings()
         self._track_state()  # torch's new dicts
+
+    def _fill_clip_settings(self) -> None:
+        """Groups without a clip key (or None, where None is not the value) get this optimizer's."""
+        for group in self.param_groups:
+            for key in _CLIP_ATTRS:
+                if group.get(key) is None:
+                    if key in self._clip_defaults:
+                        group[key] = self._clip_defaults[key]
+                    else:
+                        group.pop(key, None)
 
     # -- keep the clip settings through pickle / deepcopy and show them -------------------------
 
     def __setstate__(self, state):  # unpickle, deepcopy: the state tracked again, listener set
         super().__setstate__(state)
+        # a pickle from fusedopt 0.1.0 kept the clip settings as attributes, not in the groups
+        old = {k: self.__dict__.pop(k) for k in _CLIP_ATTRS if k in self.__dict__}
+        if "_clip_defaults" not in self.__dict__:
+            self._clip_defaults = {k: v for k, v in old.items() if v != _clip.CLIP_DEFAULTS[k]}
+            self._fill_clip_settings()
+        self._clip = _clip.ClipSettings(*(self._clip_defaults.get(k, d)
+                                          for k, d in _clip.CLIP_DEFAULTS.items()))
         self._track_state()
 
     def _own_state(self) -> dict:
@@ -475,7 +541,13 @@ class ClippedStep:
         return new
 
     def __repr__(self) -> str:
-        settings = ", ".join(f"{k}={getattr(self, k)!r}" for k in _OWN_ATTRS[:6]
-                             if k != "norm_group" or self.norm_group is not None)
+        try:
+            clip = _clip.settings_of(type(self).__name__, self.param_groups)
+            shown = [f"{k}={v!r}" for k, v in zip(_CLIP_ATTRS, clip)]
+        except ValueError:
+            shown = ["clip settings differ between param groups (step() will refuse)"]
+        shown += [f"{k}={getattr(self, k)!r}" for k in _OWN_ATTRS[:3]
+                  if k != "norm_group" or self.norm_group is not None]
+        settings = ", ".join(shown)
         ran = "none yet" if self.last_step is None else str(self.last_step)
         return f"fusedopt.{super().__repr__()[:-1]}{settings}\nlast step: {ran}\n)"
