@@ -116,7 +116,11 @@ class ElementwiseStep(ClippedStep):
         if rounding_seed is not None:
             asked["rounding_seed"] = rounding_seed
         check_memory_options(type(self).__name__, asked)
-        self._rounding_seed = draw_seed() if rounding_seed is None else rounding_seed
+        # drawn only for an optimizer that rounds (now, or at its first rounding step): one that
+        # does not leaves torch's random stream (dropout's, a DataLoader's shuffle) as torch.optim
+        # does, so that swapping it in changes no other random number
+        self._rounding_seed = draw_seed() if rounding_seed is None and stochastic_rounding \
+            else rounding_seed
         self._memory_defaults = {k: v for k, v in asked.items() if v != MEMORY_DEFAULTS.get(k)}
         if stochastic_rounding:
             self._memory_defaults["rounding_seed"] = self._rounding_seed
@@ -161,7 +165,7 @@ class ElementwiseStep(ClippedStep):
         super().__setstate__(state)
         if "_memory_defaults" not in self.__dict__:  # torch's own pickle: groups hold all
             self._memory_defaults = {}
-            self._rounding_seed = draw_seed()
+            self._rounding_seed = None  # drawn at the first rounding step
 
     def _memory(self, group, dtype):
         """(state dtype, master kind, stochastic rounding) of ``group``'s params of ``dtype``."""
@@ -188,6 +192,8 @@ class ElementwiseStep(ClippedStep):
         if positions is None or id(p) not in positions:
             positions = self._positions = {
                 id(q): i for i, q in enumerate(q for g in self.param_groups for q in g["params"])}
+        if "rounding_seed" not in group and self._rounding_seed is None:
+            self._rounding_seed = draw_seed()
         seed = group.setdefault("rounding_seed", self._rounding_seed)
         return rounding.tensor_key(seed, positions[id(p)])
 
