@@ -99,6 +99,15 @@ def ref_step(opt, params, max_grad_norm=None, norm_type=2.0, max_grad_value=None
     return norm
 
 
+def torch_groups(groups, **clip):
+    """``groups`` (a state_dict's param_groups) less fusedopt's clip settings, which each group
+    must hold as ``clip`` says (a setting not named must be absent): what torch.optim's hold."""
+    keys = ("max_grad_norm", "norm_type", "max_grad_value")
+    for group in groups:
+        assert {k: group[k] for k in keys if k in group} == clip, (group, clip)
+    return [{k: v for k, v in g.items() if k not in keys} for g in groups]
+
+
 def tensors_of_state(opt):
     """Every state tensor of an optimizer, keyed (param index, state key), for comparisons."""
     return {(i, k): v for i, st in opt.state_dict()["state"].items() for k, v in st.items()}
