@@ -384,6 +384,11 @@ class ClippedStep:
             with torch.enable_grad():
                 loss = closure()
         self._clip = _clip.settings_of(type(self).__name__, self.param_groups)
+        if "_looked_for_frameworks" not in self.__dict__:  # once: is a framework clipping too?
+            self._looked_for_frameworks = True
+            if self._clip.max_norm is not None or self._clip.max_value is not None:
+                from fusedopt.integrations._on_top import warn_if_clipped_on_top
+                warn_if_clipped_on_top(self)
         guard = _nonfinite.StepGuard.for_step(self)
         self._nonfinite_where = None
         plan = self.__dict__.get("_step_plan")  # the Triton path's, from an earlier step
