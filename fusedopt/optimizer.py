@@ -122,10 +122,10 @@ _MEMORY_DOC = {
             the math is fp32 either way.
         rounding_seed (int, optional): the seed of stochastic rounding's bits; when None, drawn
             from torch's default generator by an optimizer that rounds (at construction, or at
-            the first step that rounds), never by one that does not. Each of these four that is set (and the seed of a group
-            that rounds) is kept in the param groups, so it is in ``state_dict()``, may differ per
-            group, and a resumed run continues the same random stream; left at their defaults,
-            the groups and the state_dict are torch.optim's.""",
+            the first step that rounds), never by one that does not. Each of these four that is
+            set (and the seed of a group that rounds) is kept in the param groups, so it is in
+            ``state_dict()``, may differ per group, and a resumed run continues the same random
+            stream; left at their defaults, the groups and the state_dict are torch.optim's.""",
     False: "",
 }
 _GRAD_DOC = {
@@ -187,7 +187,10 @@ def class_doc(summary: str, update_math: str, args: str, name: str, state_note: 
             ``clip_grad_norm_``. ``float('inf')`` computes ``grad_norm`` and never clips.
         norm_type (float): 2.0 (default) or ``float('inf')``.
         max_grad_value (float, optional): clamp every gradient element to ``[-v, v]`` first, as
-            ``clip_grad_value_``.
+            ``clip_grad_value_``. These three, once set, are kept in every param group as
+            torch keeps lr: in ``state_dict()`` (a resumed run takes the saved ones), changed
+            between steps by writing the groups or ``opt.max_grad_norm = v``; every group must
+            hold the same values (one norm clips them all).
         nonfinite (str): what a step does with an inf or NaN gradient: ``"propagate"`` (default,
             torch.optim's behaviour), ``"skip"`` (skip the whole update on the device, no host
             sync: parameters, state and step counters stay as they were; ``step_skipped`` says
