@@ -61,6 +61,7 @@ class FusedAcceleratorMixin:
     """What ``use_fusedopt`` adds to an Accelerator class (module docstring)."""
 
     def prepare_optimizer(self, optimizer, device_placement=None):
+        self._use_fused_scaler()  # a scaler set on the accelerator after it was made
         return _wrap(super().prepare_optimizer(optimizer, device_placement=device_placement))
 
     def clip_grad_norm_(self, parameters, max_norm, norm_type=2):

@@ -25,13 +25,16 @@ Its clip: ``TrainingArguments.max_grad_norm > 0`` sets the optimizer's ``max_gra
 has none; an optimizer that already clips at another value is refused (ValueError) rather than
 guessed between. ``max_grad_norm=0`` leaves the optimizer's clip as it is; an optimizer without
 one gets ``max_grad_norm=inf`` so that its norm pass measures the norm the Trainer logs (it never
-clips; the norm costs one read of every gradient, where the Trainer's own costs three).
+clips; the norm costs one read of every gradient, where the Trainer's own costs three). A run
+resumed from a checkpoint clips as the checkpoint says (the clip is in the optimizer's param
+groups, as lr is), and says so when TrainingArguments asks for another.
 
 Relies on these Trainer internals (tested with transformers 5.24.0; checked at import):
 ``Trainer._clip_grad_norm(model)`` and ``Trainer._get_grad_norm(model, grad_norm)``, which the
 training loop calls before ``optimizer.step()`` for the norm it logs (``.item()`` is read only
 when logging, after the step); ``create_accelerator_and_postprocess`` (makes
-``self.accelerator``); ``create_optimizer``; ``get_optimizer_cls_and_kwargs``; the callback event
+``self.accelerator``); ``create_optimizer``; ``get_optimizer_cls_and_kwargs``;
+``_load_optimizer_and_scheduler`` (a resumed checkpoint's optimizer state); the callback event
 ``on_optimizer_step`` (right after ``optimizer.step()``); and
 ``accelerator.optimizer_step_was_skipped``, which gates ``lr_scheduler.step()``.
 """
@@ -47,7 +50,7 @@ from fusedopt.integrations.accelerate import fusedopt_inside, use_fusedopt
 __all__ = ["FusedTrainer", "FusedTrainerMixin"]
 
 _INTERNALS = ("_clip_grad_norm", "_get_grad_norm", "create_accelerator_and_postprocess",
-              "create_optimizer", "get_optimizer_cls_and_kwargs")
+              "create_optimizer", "get_optimizer_cls_and_kwargs", "_load_optimizer_and_scheduler")
 _missing = [name for name in _INTERNALS if not hasattr(Trainer, name)]
 if _missing:
     import transformers
@@ -111,7 +114,7 @@ class FusedTrainerMixin:
         fused = _namesake(optimizer_cls)
         if fused is None:
             raise ValueError(
-                f"TrainingArguments(optim={str(args.optim)!r}) builds "
+                f"TrainingArguments(optim={getattr(args.optim, 'value', args.optim)!r}) builds "
                 f"{optimizer_cls.__module__}.{optimizer_cls.__qualname__}, which has no fusedopt "
                 "namesake; FusedTrainer steps a fusedopt optimizer: use optim='adamw_torch' "
                 "(or 'sgd', 'adagrad', 'rmsprop'), or pass optimizers=(fusedopt.<Class>(...), None)")
@@ -149,6 +152,19 @@ class FusedTrainerMixin:
                     "max_grad_norm=0 to keep the optimizer's")
         elif opt.max_grad_norm is None:
             opt.max_grad_norm = float("inf")  # measure the norm the Trainer logs; never clips
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        opt = fusedopt_inside(self.optimizer)
+        asked = self.args.max_grad_norm
+        if checkpoint is not None and opt is not None and asked is not None and asked > 0 \
+                and opt.max_grad_norm != asked:
+            logger.warning(
+                f"Resumed from {checkpoint}: fusedopt.{type(opt).__name__} clips at the "
+                f"checkpoint's max_grad_norm={opt.max_grad_norm}, as it takes the checkpoint's lr; "
+                f"TrainingArguments(max_grad_norm={asked}) is not used. To change it, set "
+                "trainer.optimizer.optimizer.max_grad_norm after the resume (a callback's "
+                "on_train_begin)")
 
     # -- the norm the Trainer logs: the optimizer's ----------------------------------------------
 
