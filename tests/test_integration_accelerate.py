@@ -51,9 +51,8 @@ def make(accelerator_cls, *, fp16=False):
     """``accelerator_cls(cpu=True)``; with ``fp16``, given a torch.amp.GradScaler("cpu") at the end
     of Accelerator.__init__, where accelerate makes its fp16 scaler on a GPU (it makes none on
     CPU: Accelerator.__init__ requires device.type != "cpu" for one). FusedAccelerator converts
-    the scaler after that __init__, as it would convert accelerate's. (One assigned to
-    accelerator.scaler after construction reaches prepare() unconverted, torch's; no accelerate
-    code path does that.)"""
+    the scaler after that __init__, as it would convert accelerate's (and one assigned to
+    accelerator.scaler later, at prepare_optimizer)."""
     if not fp16:
         return accelerator_cls(cpu=True)
     init = Accelerator.__init__
@@ -383,3 +382,38 @@ def test_grad_scaler_from_torch():
         fusedopt.GradScaler.from_torch(scaler)
     scaler.update()
     assert fusedopt.GradScaler.from_torch(scaler).state_dict() == scaler.state_dict()
+
+
+def test_save_state_and_load_state_resume_bit_for_bit(tmp_path):
+    """accelerator.save_state after 4 steps; a fresh FusedAccelerator and optimizer (built with
+    another clip, 7.0) load_state it and step on: the uninterrupted run's parameters bit for bit
+    (the same ops on the same values; accelerate restores the RNG, so dropout draws the same),
+    with the checkpoint's clip (0.5, in the optimizer's param groups) winning, as its lr does."""
+    batches = [{"input_ids": x, "labels": x} for x in IDS.split(8)]
+
+    def steps(accelerator, model, opt, schedule, todo):
+        for batch in todo:
+            accelerator.backward(model(**batch).loss)
+            opt.step()
+            schedule.step()
+            opt.zero_grad()
+
+    def build(clip):
+        accelerator = FusedAccelerator(cpu=True)
+        model = gpt2()
+        opt = fusedopt.AdamW(groups(model), lr=LR, max_grad_norm=clip)
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1 - k / STEPS)
+        return (accelerator, *accelerator.prepare(model, opt, schedule))
+
+    first = build(CLIP)
+    torch.manual_seed(1)
+    steps(*first, batches[:4])
+    first[0].save_state(str(tmp_path / "ckpt"))
+    steps(*first, batches[4:])
+    resumed = build(7.0)
+    resumed[0].load_state(str(tmp_path / "ckpt"))
+    assert resumed[2].optimizer.max_grad_norm == CLIP
+    steps(*resumed, batches[4:])
+    assert first[2].optimizer.grad_norm > CLIP  # the clip was active up to the end
+    for a, b in zip(resumed[1].parameters(), first[1].parameters()):
+        assert torch.equal(a, b)
