@@ -464,3 +464,24 @@ def test_tune_py_tells_the_norm_kernel_from_the_update(tune, monkeypatch):
     new = watch.new()
     assert (new["norm"]["n_regs"], new["update"]["n_regs"]) == (30, 48)
     assert watch.new() == {"norm": None, "update": None}
+
+
+def test_integrations_py_quick(tmp_path):
+    """bench/integrations.py --quick: every framework's arms timed (a 2-layer GPT-2, 1 + 2 steps),
+    the fusedopt arms checked against the torch arm (it exits 1 where they differ), the file
+    names those of a quick run."""
+    out = run_bench("integrations.py", "--quick", "--device", "cpu", out_dir=tmp_path)
+    assert "| framework | arm |" in out and "WARNING" not in out
+    (md,) = tmp_path.glob("integrations-cpu-*.md")
+    assert md.name == f"integrations-cpu-{datetime.date.today().isoformat()}-quick.md"
+    data = json.loads(md.with_suffix(".json").read_text())
+    assert [(r["framework"], r["arm"]) for r in data["results"]] == [
+        ("hf", "torch"), ("hf", "fusedopt"), ("hf", "integration"), ("accelerate", "torch"),
+        ("accelerate", "integration"), ("lightning", "torch"), ("lightning", "integration")]
+    for r in data["results"]:
+        assert len(r["rounds"]) == 1 and r["rounds"][0]["threads"][0] > 0
+        assert all(len(r[k]) == 2 for k in ("clip_ms", "update_ms", "opt_ms", "whole_ms"))
+        assert all(0 < o <= w for o, w in zip(r["opt_ms"], r["whole_ms"]))
+        assert len(r["losses"]) == 3  # warm-up included
+        assert r["gaps"] is None if r["arm"] == "torch" else max(r["gaps"].values()) < 1e-3
+    assert {"transformers", "accelerate", "lightning"} <= set(data["meta"]["versions"])
