@@ -552,8 +552,8 @@ class ClippedStep:
         try:
             clip = _clip.settings_of(type(self).__name__, self.param_groups)
             shown = [f"{k}={v!r}" for k, v in zip(_CLIP_ATTRS, clip)]
-        except ValueError:
-            shown = ["clip settings differ between param groups (step() will refuse)"]
+        except (ValueError, TypeError) as e:  # groups that differ, a bad value written in
+            shown = [f"clip settings refused ({e})"]
         shown += [f"{k}={getattr(self, k)!r}" for k in _OWN_ATTRS[:3]
                   if k != "norm_group" or self.norm_group is not None]
         settings = ", ".join(shown)

@@ -13,29 +13,14 @@ from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.scheduler import AcceleratedScheduler
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import GPT2Config, GPT2LMHeadModel
 
 import fusedopt
 from fusedopt.integrations.accelerate import (FusedAccelerator, FusedAcceleratedOptimizer,
                                               FusedAcceleratorMixin, use_fusedopt)
+from tiny_gpt2 import CLIP, INF_AT, LR, SCALE, STEPS, assert_same_params, gpt2, groups
 
-STEPS, LR, CLIP, WD, EMBD = 8, 1e-2, 0.5, 0.1, 32
-INF_AT, SCALE = 3, 2.0 ** 8  # the step whose gradient gets an inf; the fp16 scaler's scale
 IDS = torch.randint(0, 97, (64, 16), generator=torch.Generator().manual_seed(1))
 DOUBLE_CLIP_FIX = "Remove the accelerator.clip_grad_norm_ call and let the optimizer clip"
-
-
-def gpt2():
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_head=2, n_embd=EMBD, vocab_size=97, n_positions=32)
-    return GPT2LMHeadModel(config)
-
-
-def groups(model):
-    """Two param groups: weight decay on all but biases and LayerNorms."""
-    no_decay = [p for n, p in model.named_parameters() if "bias" in n or ".ln_" in n]
-    decay = [p for n, p in model.named_parameters() if not ("bias" in n or ".ln_" in n)]
-    return [{"params": decay, "weight_decay": WD}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def torch_adamw(model):
@@ -140,27 +125,6 @@ def train(accelerator, prepared, *, clip=None, unscale=False, inf_at=None, warne
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     assert len(run.lrs) == STEPS
     return run
-
-
-def assert_same_params(ours, ref):
-    """fp32 agreement after STEPS steps. fusedopt folds the clip coefficient into the fused
-    AdamW's grad_scale (a division where torch multiplies): a few fp32 ulps per step, amplified
-    by nothing here but Adam's normalisation, so the conftest fp32 tolerance (rtol 1e-5, atol
-    1e-6) holds.
-
-    Except the attention key bias, c_attn.bias[EMBD:2 * EMBD]: its exact gradient is zero (q.b_k
-    adds the same to every score of a query, which softmax ignores), so its fp32 gradient is
-    rounding noise (4e-12 at step 0), which AdamW turns into steps of lr * |g| / (|g| + eps), ~4e-6
-    with eps=1e-8, of random sign: noise in any two implementations (torch's fused AdamW against
-    torch's foreach AdamW end 1.2e-5 apart there). It is held to what STEPS such steps reach
-    from its zero init with noise under 1e-10: STEPS * lr * 1e-2."""
-    for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
-        if name.endswith("attn.c_attn.bias"):
-            keys = slice(EMBD, 2 * EMBD)
-            for x in (a, b):
-                assert x[keys].abs().max() < STEPS * LR * 1e-2, name
-            a, b = torch.cat([a[:EMBD], a[2 * EMBD:]]), torch.cat([b[:EMBD], b[2 * EMBD:]])
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
 def lr_schedule(skipped_at=None):
