@@ -49,7 +49,6 @@ import copy
 import datetime
 import json
 import logging
-import os
 import statistics
 import sys
 import tempfile
@@ -106,33 +105,6 @@ class Clock:
             return [(s[b] - s[a]) * 1e3 for s in self.steps[warmup:]]
         return dict(clip_ms=ms("backward", "update"), update_ms=ms("update", "step"),
                     opt_ms=ms("backward", "step"), whole_ms=ms("start", "end"))
-
-
-class Neighbours:
-    """CPUs that other processes kept busy, on average, from the start to read(): /proc/stat's
-    busy time of every CPU less this process's own (measure.busy_cpus's reading, over a whole
-    arm instead of half a second of sleep). None where /proc/stat is not there."""
-
-    def __init__(self):
-        self.start = self._sample()
-
-    @staticmethod
-    def _sample():
-        try:
-            with open("/proc/stat") as f:
-                ticks = [int(x) for x in f.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        hz = os.sysconf("SC_CLK_TCK")  # ticks[3], ticks[4]: idle, iowait
-        return (sum(ticks) - ticks[3] - ticks[4]) / hz, sum(ticks) / hz, time.process_time()
-
-    def read(self) -> float | None:
-        end = self._sample()
-        if self.start is None or end is None:
-            return None
-        (busy0, total0, own0), (busy1, total1, own1) = self.start, end
-        return max(0.0, (os.cpu_count() or 1) * ((busy1 - busy0) - (own1 - own0))
-                   / max(total1 - total0, 1e-9))
 
 
 # -- what every arm shares ------------------------------------------------------------------------
@@ -421,9 +393,10 @@ def run_arm(framework, arm, base, data, args, device):
     # id of the arm's param -> its start value (.to keeps the params, moving their data)
     base_params = {id(p): q.detach() for p, q in zip(model.parameters(), base.parameters())}
     clock, threads, start = Clock(device), torch.get_num_threads(), time.perf_counter()
-    neighbours = Neighbours()
+    before = measure.cpu_sample()  # measure.busy_cpus's reading, over the whole arm
     opt = RUN[framework](arm, model, data, args, device, clock)
-    return (clock, opt, base_params, neighbours.read(), [threads, torch.get_num_threads()],
+    others = measure.others_busy(before, measure.cpu_sample())
+    return (clock, opt, base_params, others, [threads, torch.get_num_threads()],
             time.perf_counter() - start, copy_gbs)
 
 

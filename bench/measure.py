@@ -194,6 +194,28 @@ def versions() -> dict:
             "python": platform.python_version()}
 
 
+def cpu_sample() -> tuple | None:
+    """/proc/stat now: all CPUs' busy seconds, wall seconds x CPUs, and this process's own CPU
+    seconds (its OpenMP workers may still be spinning after the last parallel region); None where
+    /proc/stat cannot be read. Two samples give others_busy."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+        hz = os.sysconf("SC_CLK_TCK")  # ticks[3], ticks[4]: idle, iowait
+        return (sum(ticks) - ticks[3] - ticks[4]) / hz, sum(ticks) / hz, time.process_time()
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def others_busy(start: tuple | None, end: tuple | None) -> float | None:
+    """How many CPUs other processes kept busy, on average, between two cpu_sample()s."""
+    if start is None or end is None:
+        return None
+    (busy0, total0, own0), (busy1, total1, own1) = start, end
+    cpus = os.cpu_count() or 1
+    return max(0.0, cpus * ((busy1 - busy0) - (own1 - own0)) / max(total1 - total0, 1e-9))
+
+
 def busy_cpus(seconds: float = 0.5) -> float | None:
     """How many CPUs other processes keep busy, sampled from /proc/stat while this one sleeps.
 
@@ -201,21 +223,9 @@ def busy_cpus(seconds: float = 0.5) -> float | None:
     for tiny tensors, and each waits for a busy core (seen on 2 cores with a pytest run beside:
     the smoke step took 8-32 ms, in multiples of 4 ms, instead of 0.3 ms).
     """
-    def sample():
-        with open("/proc/stat") as f:
-            ticks = [int(x) for x in f.readline().split()[1:]]
-        # all CPUs' busy seconds, wall seconds x CPUs, and this process's own CPU seconds (its
-        # OpenMP workers may still be spinning after the last parallel region)
-        hz = os.sysconf("SC_CLK_TCK")
-        return (sum(ticks) - ticks[3] - ticks[4]) / hz, sum(ticks) / hz, time.process_time()
-    try:
-        busy0, total0, own0 = sample()
-        time.sleep(seconds)
-        busy1, total1, own1 = sample()
-    except (OSError, ValueError, IndexError):
-        return None
-    cpus = os.cpu_count() or 1
-    return max(0.0, cpus * ((busy1 - busy0) - (own1 - own0)) / max(total1 - total0, 1e-9))
+    start = cpu_sample()
+    time.sleep(seconds)
+    return others_busy(start, cpu_sample())
 
 
 def warn_if_busy(busy: float | None, when: str) -> None:
