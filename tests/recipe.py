@@ -4,11 +4,13 @@
 fusedopt. Every test feeds both the same gradients and compares everything observable.
 """
 import copy
+import io
 import math
 
 import torch
 
 import fusedopt
+from conftest import DEVICE
 
 SHAPES = [(), (1,), (127,), (13, 7), (4097,), (3, 5, 2)]
 STEPS = 7
@@ -35,6 +37,19 @@ def make_params(shapes, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64).to(dtype))
             for s in shapes]
+
+
+def on_device(params):
+    """Copies of ``params`` on the tests' device (CUDA when there is one, else the CPU)."""
+    return [torch.nn.Parameter(p.detach().to(DEVICE)) for p in params]
+
+
+def saved(opt):
+    """opt's state_dict through torch.save / torch.load, as a checkpoint file would carry it."""
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    return torch.load(buf)
 
 
 def clone_params(params):

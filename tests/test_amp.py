@@ -13,7 +13,8 @@ import torch
 
 import fusedopt
 from conftest import DEVICE, assert_close
-from recipe import OUR_CLASSES, SHAPES, TORCH_CLASSES, clone_params, make_grads, make_params
+from recipe import (OUR_CLASSES, SHAPES, TORCH_CLASSES, clone_params, make_grads, make_params,
+                    on_device)
 
 KWARGS = {"SGD": dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
           "Adam": dict(lr=0.01, amsgrad=True, weight_decay=0.1),
@@ -33,10 +34,6 @@ def coefficients(params, step):
 
 def loss_of(params, coefs):
     return sum((p * c).sum() for p, c in zip(params, coefs))
-
-
-def on_device(params):
-    return [torch.nn.Parameter(p.detach().to(DEVICE)) for p in params]
 
 
 def state_snapshot(opt):

@@ -2,7 +2,6 @@
 keeps its hyperparameters: state_dict() carries them, a resumed run takes the saved ones (as it
 takes the saved lr), and a scheduler changes them between steps by writing the groups. The
 oracle is the torch recipe with the same clip applied by hand each step."""
-import io
 import math
 import pickle
 
@@ -10,26 +9,15 @@ import pytest
 import torch
 
 import fusedopt
-from conftest import DEVICE, assert_close
-from recipe import SHAPES, clone_params, make_grads, make_params, ref_step
+from conftest import assert_close
+from recipe import SHAPES, clone_params, make_grads, make_params, on_device, ref_step, saved
 
 BACKENDS = ["torch", "triton"]
-
-
-def on_device(params):
-    return [torch.nn.Parameter(p.detach().to(DEVICE)) for p in params]
 
 
 def feed(params, step):
     for p, g in zip(params, make_grads(params, step)):
         p.grad = g.to(p.device)
-
-
-def saved(state_dict):
-    buf = io.BytesIO()
-    torch.save(state_dict, buf)
-    buf.seek(0)
-    return torch.load(buf)
 
 
 def two_groups(params, **options):
@@ -90,7 +78,7 @@ def test_a_resumed_run_takes_the_saved_clip(backend):
     for step in range(2):
         feed(params, step)
         first.step()
-    blob = saved(first.state_dict())
+    blob = saved(first)
     twin = on_device(params)
     resumed = fusedopt.AdamW(twin, lr=0.01, max_grad_norm=7.0, backend=backend)
     resumed.load_state_dict(blob)
@@ -105,7 +93,7 @@ def test_a_resumed_run_takes_the_saved_clip(backend):
 
     from_torch = torch.optim.AdamW(on_device(params), lr=0.01)
     fresh = fusedopt.AdamW(on_device(params), lr=0.01, max_grad_norm=3.0)
-    fresh.load_state_dict(saved(from_torch.state_dict()))
+    fresh.load_state_dict(saved(from_torch))
     assert fresh.max_grad_norm == 3.0 and fresh.param_groups[0]["max_grad_norm"] == 3.0
     torch.optim.AdamW(on_device(params), lr=0.01).load_state_dict(blob)
 

@@ -7,7 +7,7 @@ import torch
 
 from conftest import DEVICE, assert_close, low_precision_bound
 from recipe import (SHAPES, OUR_CLASSES, TORCH_CLASSES, clone_params, make_grads, make_params,
-                    ref_step, tensors_of_state, torch_groups)
+                    ref_step, saved, tensors_of_state, torch_groups)
 
 CONFIGS = {
     "SGD": dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
@@ -30,14 +30,6 @@ def train(opt, params, steps, seed=0):
         for p, g in zip(params, make_grads(params, s)):
             p.grad = g
         opt.step()
-
-
-def saved(opt):
-    """A state_dict through torch.save / torch.load, as a checkpoint file would carry it."""
-    buf = io.BytesIO()
-    torch.save(opt.state_dict(), buf)
-    buf.seek(0)
-    return torch.load(buf)
 
 
 @pytest.mark.parametrize("kind", CASES)
